@@ -1,0 +1,37 @@
+# diffusionret_nb: `make demo` and `make test` each create .venv when missing, install, and run.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lab check-notebooks nbdev-test pytest clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py settings.ini
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+## the main job on the embedded synthetic world: render, train, evaluate, write results/demo/<run>/
+demo: setup
+	$(BIN)/diffret demo
+
+## notebooks clean + exported in sync, no orphan module, nbdev_test, then pytest
+test: setup check-notebooks nbdev-test pytest
+
+check-notebooks: setup
+	$(BIN)/python tools/check_notebooks.py
+
+nbdev-test: setup
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: setup
+	$(BIN)/python -m pytest tests -q
+
+lab: setup
+	$(BIN)/jupyter lab nbs
+
+clean-venv:
+	rm -rf $(VENV)

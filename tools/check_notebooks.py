@@ -1,0 +1,78 @@
+"""Fail (exit 1, listing the files) unless the notebooks are clean, the library is exported in sync
+with them, every module has its source notebook, and the experiment templates are papermill-ready.
+
+It works on a scratch copy: nothing in the working tree is modified.
+Fix what it reports with `nbdev_clean && nbdev_export` (then commit) or by deleting the orphan."""
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def scratch_export(tmp: Path):
+    "Copy settings, notebooks and library to `tmp`, then clean and export there."
+    shutil.copy(ROOT / "settings.ini", tmp / "settings.ini")
+    shutil.copytree(ROOT / "nbs", tmp / "nbs")
+    shutil.copytree(ROOT / "diffusionret_nb", tmp / "diffusionret_nb",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for cmd in ("nbdev_clean", "nbdev_export"):
+        r = subprocess.run([str(BIN / cmd)], cwd=tmp, capture_output=True, text=True)
+        if r.returncode: sys.exit(f"{cmd} failed:\n{r.stdout}{r.stderr}")
+
+
+def differing(tmp: Path) -> list:
+    "Files whose cleaned/exported version differs from the working tree."
+    bad = []
+    for sub, pat in (("nbs", "*.ipynb"), ("diffusionret_nb", "*.py")):
+        for p in sorted((tmp / sub).rglob(pat)):
+            rel = p.relative_to(tmp)
+            if not (ROOT / rel).exists() or not filecmp.cmp(p, ROOT / rel, shallow=False): bad.append(str(rel))
+    return bad
+
+
+def orphans() -> list:
+    "Modules with no source notebook."
+    bad = []
+    for p in sorted((ROOT / "diffusionret_nb").glob("*.py")):
+        if p.name in ("__init__.py", "_modidx.py"): continue
+        src = [l.split("File to edit: ")[1].split()[0].rstrip(".") for l in p.read_text().splitlines()[:5] if "File to edit: " in l]
+        if not src or not (p.parent / src[0]).resolve().exists(): bad.append(str(p.relative_to(ROOT)))
+    return bad
+
+
+def template_problems() -> list:
+    "Experiment templates must have a python3 kernelspec, a `parameters` cell and no outputs."
+    bad = []
+    for p in sorted((ROOT / "experiments").glob("*.ipynb")):
+        nb = json.loads(p.read_text())
+        if nb.get("metadata", {}).get("kernelspec", {}).get("name") != "python3": bad.append(f"{p.name}: kernelspec is not python3")
+        if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]): bad.append(f"{p.name}: no cell tagged 'parameters'")
+        if any(c.get("outputs") or c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"): bad.append(f"{p.name}: has outputs")
+    return bad
+
+
+def main():
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        scratch_export(tmp)
+        unsynced = differing(tmp)
+    problems = [("notebooks not clean or library not exported in sync (run nbdev_clean && nbdev_export)", unsynced),
+                ("modules without a source notebook (delete them or restore the notebook)", orphans()),
+                ("experiment templates not ready for papermill", template_problems())]
+    failed = False
+    for title, files in problems:
+        if files:
+            failed = True
+            print(f"FAIL: {title}:"); print("\n".join(f"  {f}" for f in files))
+    if failed: sys.exit(1)
+    print("notebooks clean, library in sync, no orphan modules, templates ready")
+
+
+if __name__ == "__main__":
+    main()
