@@ -82,7 +82,7 @@ def P(default, help:str, choices=None, min=None):
     "A config field with a help string, optional allowed `choices` and lower bound `min`."
     return field(default=default, metadata=dict(help=help, choices=choices, min=min))
 
-# %% ../nbs/00_config.ipynb #3361d81a
+# %% ../nbs/00_config.ipynb #d7807d00
 @dataclass
 class DataConfig:
     "Where the data comes from and how videos and captions become tensors."
@@ -109,7 +109,9 @@ class DataConfig:
 class SyntheticConfig:
     "The embedded synthetic video-caption world (see `04_synthetic`)."
     syn_seed: int = P(0, "seed of the synthetic world (same seed and version: identical files)")
-    syn_domain: str = P("plain", "visual domain to train and test on", choices=("plain", "textured"))
+    syn_domain: str = P("plain", "visual domain to train and validate on", choices=("plain", "textured"))
+    syn_test_domain: str = P("", "visual domain of the test split ('' = syn_domain; the other one = out-domain transfer)",
+                             choices=("", "plain", "textured"))
     syn_n_train: int = P(800, "training clips per domain", min=1)
     syn_n_val: int = P(100, "validation clips per domain", min=1)
     syn_n_test: int = P(200, "test clips per domain (distinct captions)", min=2)
@@ -156,6 +158,7 @@ class EvalConfig:
     eval_batch_size: int = P(64, "videos/captions per forward pass at evaluation", min=1)
     sim_block: int = P(256, "rows and columns per block of the gallery similarity", min=1)
     checkpoint: str = P("", "checkpoint to evaluate or to start from ('' = train from scratch)")
+    eval_untrained: bool = P(False, "also evaluate the model before training on the test split (a baseline row)")
 
 SECTIONS = dict(data=DataConfig, synthetic=SyntheticConfig, model=ModelConfig, train=TrainConfig, eval=EvalConfig)
 

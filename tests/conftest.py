@@ -1,0 +1,36 @@
+"""Shared fixtures. Every test runs with outbound network connections refused (in this process and,
+through PYTHONPATH, in every Python subprocess and papermill kernel it starts), and with the
+synthetic-world cache in a temporary folder shared by the session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+sys.path.insert(0, str(HERE / "netguard"))
+import sitecustomize  # noqa: E402,F401  (installs the guard in this process)
+
+os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE / "netguard"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_cache(tmp_path_factory):
+    "A session-wide cache folder for rendered synthetic worlds (DIFFRET_CACHE)."
+    d = tmp_path_factory.mktemp("diffret_cache")
+    old = os.environ.get("DIFFRET_CACHE")
+    os.environ["DIFFRET_CACHE"] = str(d)
+    yield d
+    if old is None: os.environ.pop("DIFFRET_CACHE", None)
+    else: os.environ["DIFFRET_CACHE"] = old
+
+
+def shared_data(*parts) -> Path:
+    "A path inside ../shared/data, or skip the test with the reason when it is absent."
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists(): pytest.skip(f"real reference data not found at {p} (../shared/data beside the repository)")
+    return p
