@@ -18,10 +18,10 @@ from .pipeline import RunFailed, check_inputs, evaluate_checkpoint, run_name, ru
 # %% auto #0
 __all__ = ['DEMO_PARAMS', 'run_experiment', 'demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'cmd_eval', 'main', 'console']
 
-# %% ../nbs/70_cli.ipynb #3a4f0b8a
+# %% ../nbs/70_cli.ipynb #f82cc2d0
 DEMO_PARAMS = dict(
     dataset="synthetic", preset="tiny", pretrained="", temporal="transformer",
-    n_words=24, n_frames=8, frame_sampling="reference",
+    frame_sampling="reference",
     epochs=6, batch_size=32, lr=5e-4, clip_lr_coef=1.0, freeze_patch_conv=False, weight_decay=0.05,
     optimizer="adamw", ema=0.0, eval_untrained=True, device="cpu",
     syn_domain="plain", syn_n_train=800, syn_n_val=100, syn_n_test=200,

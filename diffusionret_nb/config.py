@@ -20,8 +20,9 @@ import torch
 # %% auto #0
 __all__ = ['SECTIONS', 'PARAMS', 'DiffRetError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write_text',
            'atomic_write_json', 'atomic_torch_save', 'seed_everything', 'P', 'DataConfig', 'SyntheticConfig',
-           'ModelConfig', 'TrainConfig', 'EvalConfig', 'param_help', 'RunConfig', 'check_value', 'list_presets',
-           'load_preset', 'build_config', 'params_dict', 'save_params', 'config_from_dict', 'load_params']
+           'ModelConfig', 'TrainConfig', 'EvalConfig', 'DiffusionConfig', 'param_help', 'RunConfig', 'check_value',
+           'list_presets', 'load_preset', 'build_config', 'params_dict', 'save_params', 'config_from_dict',
+           'load_params']
 
 # %% ../nbs/00_config.ipynb #6a193e08
 class DiffRetError(Exception):
@@ -82,14 +83,14 @@ def P(default, help:str, choices=None, min=None):
     "A config field with a help string, optional allowed `choices` and lower bound `min`."
     return field(default=default, metadata=dict(help=help, choices=choices, min=min))
 
-# %% ../nbs/00_config.ipynb #d7807d00
+# %% ../nbs/00_config.ipynb #590435a7
 @dataclass
 class DataConfig:
     "Where the data comes from and how videos and captions become tensors."
     dataset: str = P("synthetic", "dataset adapter name (see `diffusionret_nb.datasets.ADAPTERS`)")
     data_root: str = P("", "dataset folder; '' renders the synthetic world into the cache")
-    n_words: int = P(32, "words per caption, <start> and <end> included (32 short videos, 64 paragraphs)", min=3)
-    n_frames: int = P(12, "frames per video T (12 short videos, 64 long)", min=1)
+    n_words: int = P(0, "words per caption, <start> and <end> included; 0 = the dataset's default (32 short videos, 64 paragraphs)", min=0)
+    n_frames: int = P(0, "frames per video T; 0 = the dataset's default (12 short videos, 64 long)", min=0)
     frame_sampling: str = P("reference", "'reference': 1 frame per second then uniform to T; "
                             "'segments': middle frame of T equal segments (X-Pool test)",
                             choices=("reference", "segments"))
@@ -98,8 +99,10 @@ class DataConfig:
                                  "(X-Pool 'rand'; 'segments' mode only)")
     video_policy: str = P("skip", "unreadable/missing videos: 'skip' and count them, or 'strict' (fail)",
                           choices=("skip", "strict"))
-    frame_cache: str = P("memory", "'memory': decode each video once per process; 'none': decode every time",
-                         choices=("memory", "none"))
+    frame_cache: str = P("memory", "'memory': decode each video once per process; 'disk': read the prepared frame cache "
+                         "(diffret prepare); 'none': decode every time", choices=("memory", "disk", "none"))
+    frame_cache_dir: str = P("", "folder of the prepared frame cache ('' = <data_root>/frame_cache)")
+    train_list: str = P("", "adapter-specific choice of training list, e.g. MSRVTT '9k' (default) or '7k'")
     train_split: str = P("train", "split used for training")
     val_split: str = P("val", "split used for checkpoint selection ('' = none: the last epoch is kept)")
     test_split: str = P("test", "split evaluated at the end")
@@ -138,7 +141,7 @@ class TrainConfig:
     batch_size: int = P(128, "global batch size (negatives come from the global batch)", min=2)
     lr: float = P(1e-4, "learning rate of the new modules", min=0.0)
     clip_lr_coef: float = P(1e-3, "CLIP learning rate = lr * clip_lr_coef (reference 1e-3 -> 1e-7)", min=0.0)
-    weight_decay: float = P(0.2, "decoupled weight decay (none on biases, LayerNorms, embeddings)", min=0.0)
+    weight_decay: float = P(0.2, "decoupled weight decay (none on biases, LayerNorm weights and the logit scale)", min=0.0)
     warmup: float = P(0.1, "fraction of all steps spent in linear warm-up before the cosine decay", min=0.0)
     optimizer: str = P("bertadam", "'bertadam' (reference: Adam without bias correction) or 'adamw'",
                        choices=("bertadam", "adamw"))
@@ -159,8 +162,41 @@ class EvalConfig:
     sim_block: int = P(256, "rows and columns per block of the gallery similarity", min=1)
     checkpoint: str = P("", "checkpoint to evaluate or to start from ('' = train from scratch)")
     eval_untrained: bool = P(False, "also evaluate the model before training on the test split (a baseline row)")
+    postprocess: str = P("none", "similarity post-processing at evaluation: 'none', 'qbnorm' (QB-Norm with a bank of training "
+                         "captions) or 'dsl' (dual softmax)", choices=("none", "qbnorm", "dsl"))
+    qb_beta: float = P(20.0, "QB-Norm inverted-softmax temperature", min=0.0)
+    qb_bank_size: int = P(0, "QB-Norm query bank: number of training captions (0 = all)", min=0)
 
-SECTIONS = dict(data=DataConfig, synthetic=SyntheticConfig, model=ModelConfig, train=TrainConfig, eval=EvalConfig)
+@dataclass
+class DiffusionConfig:
+    "DiffusionRet stage 2: the generator, its training and the re-ranking at inference (SPEC 1.4-1.5)."
+    stage2: bool = P(False, "train the stage-2 generator after stage 1 and re-rank with it at evaluation")
+    train_strategy: str = P("both", "Table 3d: 'both' (stage 1 then stage 2), 'discrimination' (stage 1 only), "
+                            "'generation' (generator only)", choices=("both", "discrimination", "generation"))
+    stage2_epochs: int = P(5, "stage-2 training epochs", min=1)
+    stage2_lr: float = P(1e-4, "stage-2 learning rate (denoisers only)", min=0.0)
+    stage2_batch_size: int = P(0, "stage-2 global batch size (0 = batch_size)", min=0)
+    num_neg: int = P(127, "hard negatives per query (capped at global batch - 1)", min=1)
+    diff_steps: int = P(50, "diffusion steps K of training", min=1)
+    diff_eval_steps: int = P(50, "sampler steps at inference (Table 3e)", min=1)
+    diff_schedule: str = P("cosine", "beta schedule (Table 3c)", choices=("cosine", "linear"))
+    diff_beta_scale: float = P(1.0, "scale of beta (Table 3f)", min=0.0)
+    diff_sampler: str = P("ddim", "sampler at inference (Table 3b)", choices=("ddim", "ddpm"))
+    diff_eta: float = P(0.0, "DDIM eta", min=0.0)
+    gen_loss: str = P("kl", "generation loss (Table 3a): 'kl' (cross-entropy of d_temp * x0_hat) or 'mse'", choices=("kl", "mse"))
+    gen_temp: float = P(100.0, "d_temp of the KL generation loss", min=0.0)
+    gen_target: str = P("onehot", "target x0: 'onehot' (positive 1, negatives 0) or 'onehot_neg1' (negatives -1)",
+                        choices=("onehot", "onehot_neg1"))
+    denoiser_tau: float = P(1.0, "tau' of the text-frame attention pooling", min=1e-6)
+    denoiser_renorm: bool = P(False, "renormalise the text-frame attention after masking padded frames (reference: no)")
+    rerank_topk: int = P(32, "candidates re-ranked per query", min=1)
+    rerank_alpha: float = P(1.0, "weight of softmax(x0_hat / rerank_temp) added to the similarity", min=0.0)
+    rerank_temp: float = P(1.0, "temperature of the re-ranking softmax", min=1e-6)
+    rerank_seed: int = P(0, "seed of the sampler's start noise")
+    rerank_n_seeds: int = P(1, "evaluate this many seeds (rerank_seed, +1, ...) and report mean and std", min=1)
+
+SECTIONS = dict(data=DataConfig, synthetic=SyntheticConfig, model=ModelConfig, train=TrainConfig, eval=EvalConfig,
+                diffusion=DiffusionConfig)
 
 # %% ../nbs/00_config.ipynb #3d5b3a8e
 def _field_index():
@@ -178,7 +214,7 @@ def param_help(name:str) -> str:
     sec, f = PARAMS[name]
     return f.metadata["help"]
 
-# %% ../nbs/00_config.ipynb #362a4152
+# %% ../nbs/00_config.ipynb #8f0f6a6d
 @dataclass
 class RunConfig:
     "The whole configuration of one run."
@@ -187,6 +223,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def flat(self) -> dict:
         "All parameters as one flat dict of primitives."

@@ -19,10 +19,10 @@ from .config import DataError, RunConfig
 from .video import VideoReadError, load_frames, normalize
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'VideoRecord', 'Adapter', 'register_adapter', 'get_adapter', 'load_records', 'synthetic_records',
-           'FrameSource', 'VideoTextDataset', 'collate', 'eval_texts']
+__all__ = ['ADAPTERS', 'VideoRecord', 'Adapter', 'register_adapter', 'get_adapter', 'resolve_config', 'load_records',
+           'synthetic_records', 'FrameSource', 'VideoTextDataset', 'collate', 'eval_texts']
 
-# %% ../nbs/03_datasets.ipynb #6ec93947
+# %% ../nbs/03_datasets.ipynb #6bbe6ba2
 @dataclass
 class VideoRecord:
     "One video with its captions. `video_id` is an integer that identifies positives (never `hash()`)."
@@ -35,19 +35,21 @@ class VideoRecord:
 
 @dataclass
 class Adapter:
-    "A dataset adapter: `load(cfg, split) -> list[VideoRecord]` and its evaluation protocol."
+    "A dataset adapter: `load(cfg, split) -> list[VideoRecord]`, its evaluation protocol and default lengths."
     name: str
     load: Callable
     protocol: str = "single"       # 'single' | 'multi' | 'paragraph'
+    n_words: int = 32              # default words per caption (32 short videos, 64 paragraphs)
+    n_frames: int = 12             # default frames per video (12 short videos, 64 long)
     doc: str = ""
 
 ADAPTERS: dict = {}
 
-def register_adapter(name:str, protocol:str="single"):
+def register_adapter(name:str, protocol:str="single", n_words:int=32, n_frames:int=12):
     "Decorator registering `fn(cfg, split) -> list[VideoRecord]` as adapter `name`."
     assert protocol in ("single", "multi", "paragraph"), protocol
     def _reg(fn):
-        ADAPTERS[name] = Adapter(name, fn, protocol, (fn.__doc__ or "").strip())
+        ADAPTERS[name] = Adapter(name, fn, protocol, n_words, n_frames, (fn.__doc__ or "").strip())
         return fn
     return _reg
 
@@ -56,13 +58,21 @@ def get_adapter(name:str) -> Adapter:
     if name not in ADAPTERS: raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[name]
 
+def resolve_config(cfg:RunConfig) -> RunConfig:
+    "A copy of `cfg` with `n_words`/`n_frames` of 0 replaced by the dataset's defaults."
+    import copy
+    a, cfg = get_adapter(cfg.data.dataset), copy.deepcopy(cfg)
+    if not cfg.data.n_words: cfg.data.n_words = a.n_words
+    if not cfg.data.n_frames: cfg.data.n_frames = a.n_frames
+    return cfg
+
 def load_records(cfg:RunConfig, split:str) -> list:
     "Records of `split` from the configured dataset; an empty split is an error naming it."
     recs = get_adapter(cfg.data.dataset).load(cfg, split)
     if not recs: raise DataError(f"dataset {cfg.data.dataset!r} has no videos in split {split!r} (data_root={cfg.data.data_root!r})")
     return recs
 
-# %% ../nbs/03_datasets.ipynb #d0b2b9e5
+# %% ../nbs/03_datasets.ipynb #acf4f876
 def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
     from diffusionret_nb.synthetic import render_world
     if cfg.data.data_root:
@@ -73,7 +83,7 @@ def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
     return render_world(seed=s.syn_seed, domain=domain, n_train=s.syn_n_train, n_val=s.syn_n_val,
                         n_test=s.syn_n_test, size=s.syn_size)
 
-@register_adapter("synthetic", protocol="single")
+@register_adapter("synthetic", protocol="single", n_words=32, n_frames=8)
 def synthetic_records(cfg:RunConfig, split:str) -> list:
     "The embedded synthetic world (see 04_synthetic); renders it on first use."
     from diffusionret_nb.synthetic import load_annotations
@@ -84,7 +94,7 @@ def synthetic_records(cfg:RunConfig, split:str) -> list:
     return [VideoRecord(int(c["video_id"]), str(root / c["video"]), list(c["captions"]), c["split"])
             for c in ann["clips"] if c["split"] == split]
 
-# %% ../nbs/03_datasets.ipynb #bacfe1bf
+# %% ../nbs/03_datasets.ipynb #3cc2f085
 class FrameSource:
     "Reads, caches and normalises the frames of records; counts skipped videos."
     def __init__(self, n_frames:int, image_size:int, sampling:str="reference", sample_fps:float=1.0,
@@ -92,6 +102,16 @@ class FrameSource:
         self.n_frames, self.image_size, self.sampling, self.sample_fps = n_frames, image_size, sampling, sample_fps
         self.jitter, self.policy, self.use_cache, self.seed = jitter, policy, cache == "memory" and not jitter, seed
         self.cache, self.skipped = {}, {}
+
+    @classmethod
+    def from_config(cls, cfg:RunConfig, train:bool=False):
+        "The source a (resolved) run config describes; frame jitter only at train time in 'segments' mode."
+        from diffusionret_nb.config import load_preset
+        d = cfg.data
+        size = int(load_preset(cfg.model.preset)["arch"]["vision_cfg"]["image_size"])
+        return cls(d.n_frames, size, sampling=d.frame_sampling, sample_fps=d.sample_fps,
+                   jitter=train and d.train_frame_jitter and d.frame_sampling == "segments",
+                   policy=d.video_policy, cache=d.frame_cache, seed=cfg.train.seed)
 
     def _read(self, rec:VideoRecord, rng):
         return load_frames(rec.path, self.n_frames, self.image_size, sampling=self.sampling, sample_fps=self.sample_fps,
