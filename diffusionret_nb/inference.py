@@ -20,9 +20,9 @@ from .metrics import chance_recall, multi_caption_metrics
 __all__ = ['encode_texts', 'encode_videos', 'gallery_similarity', 'Gallery', 'encode_gallery', 'gallery_metrics',
            'evaluate_records']
 
-# %% ../nbs/51_inference.ipynb #a02ede9d
+# %% ../nbs/51_inference.ipynb #48309cf8
 def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 @torch.no_grad()

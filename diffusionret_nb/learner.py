@@ -24,7 +24,7 @@ __all__ = ['BertAdam', 'warmup_cosine', 'make_optimizer', 'EpochBatchSampler', '
            'resolve_device', 'to_device', 'DeviceCB', 'resolve_precision', 'MixedPrecisionCB', 'GradClipCB',
            'SchedulerCB', 'EMA', 'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
 
-# %% ../nbs/40_learner.ipynb #63876830
+# %% ../nbs/40_learner.ipynb #07d13fe8
 class BertAdam(torch.optim.Optimizer):
     "Adam without bias correction and with decoupled weight decay (the reference's optimiser)."
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0):
@@ -33,17 +33,18 @@ class BertAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not ps: continue
+            for p in ps:
+                if not self.state[p]: self.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             b1, b2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None: continue
-                st = self.state[p]
-                if not st: st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                update = m / (v.sqrt() + g["eps"])
-                if g["weight_decay"]: update.add_(p, alpha=g["weight_decay"])
-                p.add_(update, alpha=-g["lr"])
+            grads = [p.grad for p in ps]
+            m = [self.state[p]["exp_avg"] for p in ps]; v = [self.state[p]["exp_avg_sq"] for p in ps]
+            torch._foreach_lerp_(m, grads, 1 - b1)                         # m = b1 m + (1 - b1) g
+            torch._foreach_mul_(v, b2); torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            update = torch._foreach_div(m, torch._foreach_add(torch._foreach_sqrt(v), g["eps"]))   # no bias correction
+            if g["weight_decay"]: torch._foreach_add_(update, ps, alpha=g["weight_decay"])       # decoupled decay
+            torch._foreach_add_(ps, update, alpha=-g["lr"])
 
 def warmup_cosine(step:int, total:int, warmup:float=0.1) -> float:
     "Learning-rate factor of the reference's 'warmup_cosine' schedule at `step` of `total`."
@@ -55,7 +56,7 @@ def make_optimizer(groups:list, name:str="bertadam"):
     "BertAdam or AdamW over parameter `groups` (each with its own lr and weight decay)."
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if name == "bertadam": return BertAdam(groups, betas=(0.9, 0.98), eps=1e-6)
-    if name == "adamw": return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    if name == "adamw": return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, foreach=True)
     raise ConfigError(f"optimizer must be 'bertadam' or 'adamw', got {name!r}")
 
 # %% ../nbs/40_learner.ipynb #9d061a6d
@@ -75,7 +76,7 @@ class EpochBatchSampler(Sampler):
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         for b in range(self.start_batch, len(self)): yield order[b * self.bs:(b + 1) * self.bs]
 
-# %% ../nbs/40_learner.ipynb #83ee2575
+# %% ../nbs/40_learner.ipynb #a65b36e8
 class CancelFitException(Exception): "Raise in a callback to stop training cleanly."
 
 class Callback:
@@ -134,7 +135,7 @@ class Learner:
         self("before_fit")
         try:
             while self.epoch < n_epochs: self.one_epoch()
-        except CancelFitException: pass
+        except CancelFitException: self("after_cancel_fit")
         finally: self("after_fit")
         return self
 
@@ -228,7 +229,7 @@ class EMACB(Callback):
         if self.ema is None: self.ema = EMA(self.learn.model, self.decay)
     def after_step(self): self.ema.update(self.learn.model)
 
-# %% ../nbs/40_learner.ipynb #b906da98
+# %% ../nbs/40_learner.ipynb #07aeeafa
 class LogCB(Callback):
     "Records the loss, learning rates and gradient norm of every step in `learn.history`."
     order = 10
@@ -242,17 +243,17 @@ class ProgressCB(Callback):
     order = 20
     def __init__(self, leave:bool=True): self.leave, self.bar = leave, None
     def before_epoch(self):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         l = self.learn
         self.bar = tqdm(total=len(l.dl) + l.batch_in_epoch, initial=l.batch_in_epoch, leave=self.leave,
                         desc=f"epoch {l.epoch + 1}/{l.n_epochs}", dynamic_ncols=True)
     def after_batch(self):
-        self.bar.update(1); self.bar.set_postfix(loss=f"{float(self.learn.loss):.3f}")
+        self.bar.update(1); self.bar.set_postfix(loss=f"{float(self.learn.loss.detach()):.3f}")
     def after_epoch(self):
         if self.bar: self.bar.close()
     after_fit = after_epoch
 
-# %% ../nbs/40_learner.ipynb #a0d254ce
+# %% ../nbs/40_learner.ipynb #074fcfea
 def _score(metrics:dict, key:str):
     d = metrics
     for k in key.split("/"): d = d[k]
@@ -276,13 +277,19 @@ class EvalCB(Callback):
     def before_fit(self):
         if not hasattr(self.learn, "evals"): self.learn.evals = []
 
+    def _evaluate_all(self):
+        self._consider(self.learn.model, "live")
+        ema = self.learn.cb(EMACB)
+        if ema: self._consider(ema.ema.averaged(self.learn.model), "ema")
+        self.last_step = self.learn.step
+
     def after_epoch(self):
         l = self.learn
-        last = l.epoch == l.n_epochs
-        if not (last or (self.every and l.epoch % self.every == 0)): return
-        self._consider(l.model, "live")
-        ema = l.cb(EMACB)
-        if ema: self._consider(ema.ema.averaged(l.model), "ema")
+        if l.epoch == l.n_epochs or (self.every and l.epoch % self.every == 0): self._evaluate_all()
+
+    def after_cancel_fit(self):
+        "Training stopped early (e.g. `max_steps`): evaluate the weights it ends with, unless just done."
+        if getattr(self, "last_step", None) != self.learn.step: self._evaluate_all()
 
 def _rng_state():
     st = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())

@@ -14,7 +14,7 @@ from .encoders import MeanPool, TemporalTransformer, TokenWeightedSimilarity
 from .losses import gather_with_grad, symmetric_infonce
 
 # %% auto #0
-__all__ = ['DiffusionRetStage1', 'param_groups', 'build_model']
+__all__ = ['DiffusionRetStage1', 'param_groups', 'apply_clip_update', 'build_model']
 
 # %% ../nbs/30_models.ipynb #4606467c
 class DiffusionRetStage1(nn.Module):
@@ -65,9 +65,18 @@ def param_groups(model:nn.Module, lr:float, clip_lr_coef:float, weight_decay:flo
         g["params"].append(p); g["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
-# %% ../nbs/30_models.ipynb #029df258
+# %% ../nbs/30_models.ipynb #022cf8a7
+def apply_clip_update(model:DiffusionRetStage1, mode:str="fp32") -> DiffusionRetStage1:
+    "Cast CLIP's linear/conv/attention weights to fp16 in place when `mode='reference_fp16'`."
+    if mode == "reference_fp16":
+        from open_clip.model import convert_weights_to_lp
+        convert_weights_to_lp(model.clip.clip, torch.float16)
+    elif mode != "fp32": raise ConfigError(f"clip_update must be 'fp32' or 'reference_fp16', got {mode!r}")
+    return model
+
+# %% ../nbs/30_models.ipynb #473d92ef
 def build_model(cfg:RunConfig) -> DiffusionRetStage1:
     "The stage-1 model described by `cfg` (preset, pretrained weights, temporal module)."
     m = cfg.model
     clip = create_clip(m.preset, m.pretrained)
-    return DiffusionRetStage1(clip, temporal=m.temporal, temporal_layers=m.temporal_layers)
+    return apply_clip_update(DiffusionRetStage1(clip, temporal=m.temporal, temporal_layers=m.temporal_layers), m.clip_update)

@@ -15,7 +15,7 @@ from diffusionret_nb.config import build_config
 from diffusionret_nb.learner import Callback
 
 # small enough for seconds on 2 CPU cores, large enough to learn something measurable
-TINY = dict(syn_n_train=48, syn_n_val=12, syn_n_test=24, epochs=4, batch_size=16, lr=1e-3, n_frames=8)
+TINY = dict(syn_n_train=48, syn_n_val=12, syn_n_test=24, epochs=4, batch_size=16, lr=1e-3, n_frames=4)
 KEYS = {"R@1", "R@5", "R@10", "R@50", "MdR", "MnR", "Rsum"}
 
 
@@ -64,7 +64,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     straight = pipeline.train_eval(cfg, tmp_path / "straight", progress=False)
 
     make = pipeline.make_learner
-    monkeypatch.setattr(pipeline, "make_learner", lambda *a, **k: (lambda l: (l.cbs.append(_Interrupt()), l)[1])(make(*a, **k)))
+    def make_interrupted(*a, **k):
+        learn = make(*a, **k)
+        cb = _Interrupt(); cb.learn = learn; learn.cbs.append(cb)
+        return learn
+    monkeypatch.setattr(pipeline, "make_learner", make_interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train_eval(cfg, tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed" / "metrics.json").exists()

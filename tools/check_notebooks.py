@@ -54,7 +54,21 @@ def template_problems() -> list:
         if nb.get("metadata", {}).get("kernelspec", {}).get("name") != "python3": bad.append(f"{p.name}: kernelspec is not python3")
         if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]): bad.append(f"{p.name}: no cell tagged 'parameters'")
         if any(c.get("outputs") or c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"): bad.append(f"{p.name}: has outputs")
+        bad += [f"{p.name}: papermill cannot parse parameter {n!r} (avoid '=' in its comment)" for n in unparsed_parameters(p, nb)]
     return bad
+
+
+def unparsed_parameters(path, nb) -> list:
+    "Names assigned in the `parameters` cell that papermill's inspection does not see."
+    import ast
+    import papermill as pm
+    cell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None: return []
+    src = "".join(cell["source"])
+    names = [t.target.id if isinstance(t, ast.AnnAssign) else t.targets[0].id
+             for t in ast.parse(src).body if isinstance(t, (ast.Assign, ast.AnnAssign))]
+    seen = set(pm.inspect_notebook(str(path)))
+    return [n for n in names if n not in seen]
 
 
 def main():
