@@ -18,13 +18,14 @@ from .pipeline import RunFailed, absolute_paths, check_inputs, evaluate_checkpoi
 # %% auto #0
 __all__ = ['DEMO_PARAMS', 'run_experiment', 'demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'cmd_eval', 'main', 'console']
 
-# %% ../nbs/70_cli.ipynb #f82cc2d0
+# %% ../nbs/70_cli.ipynb #f00b16ea
 DEMO_PARAMS = dict(
     dataset="synthetic", preset="tiny", pretrained="", temporal="transformer",
     frame_sampling="reference",
     epochs=6, batch_size=32, lr=5e-4, clip_lr_coef=1.0, freeze_patch_conv=False, weight_decay=0.05,
     optimizer="adamw", ema=0.0, eval_untrained=True, device="cpu",
     syn_domain="plain", syn_n_train=800, syn_n_val=100, syn_n_test=200,
+    stage2=True,
 )
 
 def _template(name:str="train_eval") -> Path:
@@ -71,7 +72,7 @@ def parse_overrides(pairs:list, params_file:str=None) -> dict:
         out[k.strip()] = check_value(k.strip(), v, from_string=True)
     return out
 
-# %% ../nbs/70_cli.ipynb #2e22341a
+# %% ../nbs/70_cli.ipynb #3f6fdf25
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffret", description="DiffusionRet workbook: train and evaluate text-video retrieval.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="run folder name (default: checkpoint's run name)")
     sub.add_parser("prepare", help="re-encode a dataset's videos and build its frame cache (see `diffret prepare -h`)", add_help=False)
     sub.add_parser("verify", help="check a dataset folder against its data card (see `diffret verify -h`)", add_help=False)
+    sub.add_parser("bench", help="benchmark similarity and diffusion re-ranking (see `diffret bench rerank -h`)", add_help=False)
     pp = sub.add_parser("params", help="list the parameters with their defaults and help")
     pp.add_argument("names", nargs="*", help="only these parameters")
     return ap
@@ -123,13 +125,16 @@ def cmd_eval(args):
     evaluate_checkpoint(ck, run_dir, overrides, progress=not args.quiet)
     _print_result(run_dir)
 
-# %% ../nbs/70_cli.ipynb #fa6fd884
+# %% ../nbs/70_cli.ipynb #fa05fcba
 def main(argv=None) -> int:
     "Entry point of `diffret`; returns the exit status (2: bad input, 1: the run failed, 130: interrupted)."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["prepare"], ["verify"]):                 # own argument parsers (diffusionret_nb.prepare)
         from diffusionret_nb.prepare import prepare_main, verify_main
         return (prepare_main if argv[0] == "prepare" else verify_main)(argv[1:])
+    if argv[:1] == ["bench"]:                                  # own argument parser (diffusionret_nb.bench)
+        from diffusionret_nb.bench import bench_main
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         {"params": cmd_params, "demo": cmd_run, "train": cmd_run, "eval": cmd_eval}[args.cmd](args)

@@ -83,7 +83,7 @@ def P(default, help:str, choices=None, min=None):
     "A config field with a help string, optional allowed `choices` and lower bound `min`."
     return field(default=default, metadata=dict(help=help, choices=choices, min=min))
 
-# %% ../nbs/00_config.ipynb #590435a7
+# %% ../nbs/00_config.ipynb #0ac254b6
 @dataclass
 class DataConfig:
     "Where the data comes from and how videos and captions become tensors."
@@ -103,6 +103,8 @@ class DataConfig:
                          "(diffret prepare); 'none': decode every time", choices=("memory", "disk", "none"))
     frame_cache_dir: str = P("", "folder of the prepared frame cache ('' = <data_root>/frame_cache)")
     train_list: str = P("", "adapter-specific choice of training list, e.g. MSRVTT '9k' (default) or '7k'")
+    twin_batches: bool = P(False, "batch each training pair with the same caption slot of its time-reversed twin "
+                           "(synthetic world: hard negatives; the reference draws batches at random)")
     train_split: str = P("train", "split used for training")
     val_split: str = P("val", "split used for checkpoint selection ('' = none: the last epoch is kept)")
     test_split: str = P("test", "split evaluated at the end")

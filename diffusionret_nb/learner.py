@@ -59,13 +59,14 @@ def make_optimizer(groups:list, name:str="bertadam"):
     if name == "adamw": return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, foreach=True)
     raise ConfigError(f"optimizer must be 'bertadam' or 'adamw', got {name!r}")
 
-# %% ../nbs/40_learner.ipynb #9d061a6d
+# %% ../nbs/40_learner.ipynb #5e864f40
 class EpochBatchSampler(Sampler):
     "Shuffled batches of `batch_size` indices, reproducible per (seed, epoch), resumable mid-epoch."
-    def __init__(self, n:int, batch_size:int, seed:int=0, shuffle:bool=True, drop_last:bool=True):
+    def __init__(self, n:int, batch_size:int, seed:int=0, shuffle:bool=True, drop_last:bool=True, groups:list=None):
         if drop_last and n < batch_size:
             raise ConfigError(f"batch_size={batch_size} is larger than the {n} training pairs (drop_last would leave no batch)")
         self.n, self.bs, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.groups = groups          # optional list of index lists kept next to each other (e.g. twins)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch:int, start_batch:int=0): self.epoch, self.start_batch = epoch, start_batch
@@ -73,7 +74,10 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        if self.groups is None: order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        else:
+            perm = torch.randperm(len(self.groups), generator=g).tolist() if self.shuffle else range(len(self.groups))
+            order = [i for k in perm for i in self.groups[k]]
         for b in range(self.start_batch, len(self)): yield order[b * self.bs:(b + 1) * self.bs]
 
 # %% ../nbs/40_learner.ipynb #a65b36e8

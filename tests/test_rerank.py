@@ -1,0 +1,169 @@
+"""Re-ranking: the fast form against the straightforward reference (both directions, DDIM and DDPM, η,
+chunk sizes, one step), what changes in the matrix, determinism and seeds, the multi-caption protocol,
+bad input, the faster stage-1 similarity against the module's, and the benchmark command's records."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusionret_nb.bench import bench_main, bench_rerank, random_gallery
+from diffusionret_nb.config import DiffRetError, build_config
+from diffusionret_nb.encoders import TokenWeightedSimilarity
+from diffusionret_nb.inference import Gallery, gallery_similarity
+from diffusionret_nb.rerank import (gallery_similarity_fast, gallery_similarity_reference, rerank, rerank_metrics, stage_metrics,
+                                    stage_rows)
+from diffusionret_nb.stage2 import Stage2Generator
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    "Tiny tensors gain nothing from threads, and on a shared machine thread hand-offs can cost more than the work."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    gen, simmod = Stage2Generator(D, num_steps=20), TokenWeightedSimilarity(D)
+    text, video = random_gallery(60, D, n_frames=5, n_words=12, seed=1)
+    video["mask"][3, 2:] = 0; video["mask"][10, 1:] = 0
+    S = gallery_similarity_fast(simmod, text, video)
+    return gen, simmod, text, video, S
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(chunk=1), dict(chunk=7), dict(chunk=1000), dict(sampler="ddpm", chunk=8),
+                                dict(eta=0.7), dict(steps=1), dict(steps=3), dict(alpha=2.0, temp=0.3)],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+def test_fast_equals_reference(setup, kw):
+    gen, _, text, video, S = setup
+    kw = {"steps": 20, "topk": 8, "seed": 5, **kw}
+    fast, ref = rerank(gen, S, text, video, **kw), rerank(gen, S, text, video, reference=True, **kw)
+    for d in ("t2v", "v2t"):
+        torch.testing.assert_close(fast[d], ref[d], rtol=1e-5, atol=1e-5)
+
+
+def test_chunking_does_not_change_the_result(setup):
+    gen, _, text, video, S = setup
+    a = rerank(gen, S, text, video, topk=8, steps=20, chunk=3, sampler="ddpm")
+    b = rerank(gen, S, text, video, topk=8, steps=20, chunk=64, sampler="ddpm")
+    for d in a: torch.testing.assert_close(a[d], b[d], rtol=1e-6, atol=1e-6)
+
+
+def test_only_topk_entries_change_by_alpha_softmax(setup):
+    gen, _, text, video, S = setup
+    r = rerank(gen, S, text, video, topk=8, steps=20, alpha=0.5)
+    for d, base in (("t2v", S), ("v2t", S.t())):
+        changed = r[d] != base
+        top = torch.zeros_like(changed).scatter_(1, base.topk(8, 1).indices, True)
+        assert torch.equal(changed & ~top, torch.zeros_like(changed))
+        torch.testing.assert_close((r[d] - base).sum(1), torch.full((len(base),), 0.5), rtol=1e-5, atol=1e-5)
+        assert ((r[d] - base)[top] > 0).all()
+
+
+def test_seeded_and_deterministic(setup):
+    gen, _, text, video, S = setup
+    a, b = rerank(gen, S, text, video, topk=8, steps=20, seed=1), rerank(gen, S, text, video, topk=8, steps=20, seed=1)
+    c = rerank(gen, S, text, video, topk=8, steps=20, seed=2)
+    assert torch.equal(a["t2v"], b["t2v"]) and torch.equal(a["v2t"], b["v2t"])
+    assert not torch.equal(a["t2v"], c["t2v"])
+    one = rerank(gen, S, text, video, topk=8, steps=20, seed=1, directions=("v2t",))
+    assert set(one) == {"v2t"} and torch.equal(one["v2t"], a["v2t"])     # directions draw independent noise
+
+
+def _gallery(text, video, S, caption_video=None):
+    n = len(S)
+    cv = np.arange(n) if caption_video is None else caption_video
+    return Gallery([f"t{i}" for i in range(n)], text, video, S, cv, np.arange(S.shape[1]))
+
+
+def test_metrics_over_seeds(setup):
+    gen, _, text, video, S = setup
+    g = _gallery(text, video, S + 0.3 * torch.eye(60))
+    dcfg = build_config(rerank_topk=8, diff_steps=20, diff_eval_steps=20, rerank_n_seeds=3, rerank_seed=7).diffusion
+    m = rerank_metrics(g, gen, dcfg)
+    assert m["seeds"] == [7, 8, 9] and len(m["per_seed"]) == 3
+    assert m["t2v"]["R@1"] == pytest.approx(np.mean([p["t2v"]["R@1"] for p in m["per_seed"]]))
+    assert m["t2v_std"]["MnR"] == pytest.approx(np.std([p["t2v"]["MnR"] for p in m["per_seed"]], ddof=1))
+    assert rerank_metrics(g, gen, dcfg, n_seeds=1)["t2v"] == m["per_seed"][0]["t2v"]
+    rows = stage_rows(stage_metrics(g, gen, dcfg))
+    assert list(rows) == ["stage 1 T2V", "stage 1 V2T", "stage 2 T2V (mean of 3 seeds)", "stage 2 V2T (mean of 3 seeds)"]
+
+
+def test_multi_caption_gallery(setup):
+    "60 captions of 20 videos: T2V ranks each caption's video; V2T re-ranks captions and takes each video's best."
+    gen, simmod, text, video, _ = setup
+    video20 = {k: v[:20] for k, v in video.items()}
+    S = gallery_similarity_fast(simmod, text, video20)
+    cv = np.repeat(np.arange(20), 3)
+    g = _gallery(text, video20, S, cv)
+    dcfg = build_config(rerank_topk=8, diff_steps=20, diff_eval_steps=20).diffusion
+    m = rerank_metrics(g, gen, dcfg)
+    assert m["n_queries"] == 60 and m["n_candidates"] == 20
+    r = rerank(gen, S, text, video20, topk=8, steps=20)
+    assert r["t2v"].shape == (60, 20) and r["v2t"].shape == (20, 60)
+
+
+def test_bad_input(setup):
+    gen, _, text, video, S = setup
+    with pytest.raises(DiffRetError, match=r"rerank_topk=61 must lie in \[1, 60\]"):
+        rerank(gen, S, text, video, topk=61)
+    with pytest.raises(DiffRetError, match="empty gallery"):
+        rerank(gen, S[:0], {k: v[:0] for k, v in text.items()}, video)
+    with pytest.raises(DiffRetError, match="59 video columns"):
+        rerank(gen, S[:, :59], text, video, topk=8)
+    with pytest.raises(DiffRetError, match="frame mask has shape"):
+        rerank(gen, S, text, dict(video, mask=video["mask"][:, :3]), topk=8)
+    with pytest.raises(DiffRetError, match="feature width mismatch"):
+        rerank(Stage2Generator(16, num_steps=20), S, text, video, topk=8)
+    bad = S.clone(); bad[4, 2] = float("nan")
+    with pytest.raises(DiffRetError, match="1 NaN entries"):
+        rerank(gen, bad, text, video, topk=8)
+    with pytest.raises(DiffRetError, match="diff_eval_steps"):
+        rerank(gen, S, text, video, topk=8, steps=21)
+
+
+@pytest.mark.parametrize("lengths", ["msrvtt", "full"])
+def test_fast_similarity_equals_the_module(lengths):
+    torch.manual_seed(3)
+    simmod = TokenWeightedSimilarity(D)
+    text, video = random_gallery(70, D, n_frames=6, n_words=32, lengths=lengths, seed=4)
+    video["mask"][5, 3:] = 0; video["mask"][9, 1:] = 0
+    ref = simmod(text["words"], text["mask"], video["frames"], video["mask"])
+    torch.testing.assert_close(gallery_similarity_fast(simmod, text, video, block_t=16, block_v=32), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gallery_similarity_reference(simmod, text, video, block=32), ref, rtol=1e-5, atol=1e-6)
+
+    class _M(torch.nn.Module):
+        def __init__(self): super().__init__(); self.sim = simmod
+    torch.testing.assert_close(gallery_similarity(_M(), text, video, block=32), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(setup):
+    gen, simmod, text, video, S = setup
+    a = rerank(gen, S, text, video, topk=8, steps=20, sampler="ddpm")
+    b = rerank(gen.to("cuda"), S, text, video, topk=8, steps=20, sampler="ddpm")
+    gen.to("cpu")
+    for d in a: torch.testing.assert_close(a[d], b[d], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gallery_similarity_fast(simmod.to("cuda"), text, video, device="cuda"),
+                               gallery_similarity_fast(simmod.to("cpu"), text, video), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_records(tmp_path):
+    recs = bench_rerank(galleries=(30,), steps=(1, 2), dim=16, topk=4, ref_gallery=30, ref_steps=2, train_batch=8, matmul_n=128,
+                        verbose=False)
+    assert all({"gallery", "steps", "seconds", "peak_mb", "direction"} <= set(r) for r in recs)
+    assert {(r["direction"], r["impl"]) for r in recs} >= {("t2v", "fast"), ("t2v", "reference"), ("v2t", "reference"),
+                                                           ("similarity", "reference"), ("train_step", "reference"), ("matmul", "fast")}
+    assert all(r["max_abs_diff"] < 1e-4 for r in recs if "max_abs_diff" in r)
+    out = tmp_path / "b.json"
+    assert bench_main(["rerank", "--gallery", "40", "--steps", "1", "--topk", "4", "--no-reference", "--no-train-step",
+                       "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {(r["gallery"], r["steps"], r["direction"]) for r in data} >= {(40, 1, "t2v"), (40, 1, "v2t"), (40, 0, "similarity")}
+    assert bench_main(["rerank", "--gallery", "abc"]) == 2
