@@ -18,14 +18,14 @@ from .pipeline import RunFailed, absolute_paths, check_inputs, evaluate_checkpoi
 # %% auto #0
 __all__ = ['DEMO_PARAMS', 'run_experiment', 'demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'cmd_eval', 'main', 'console']
 
-# %% ../nbs/70_cli.ipynb #f00b16ea
+# %% ../nbs/70_cli.ipynb #c9263f69
 DEMO_PARAMS = dict(
     dataset="synthetic", preset="tiny", pretrained="", temporal="transformer",
     frame_sampling="reference",
     epochs=6, batch_size=32, lr=5e-4, clip_lr_coef=1.0, freeze_patch_conv=False, weight_decay=0.05,
     optimizer="adamw", ema=0.0, eval_untrained=True, device="cpu",
-    syn_domain="plain", syn_n_train=800, syn_n_val=100, syn_n_test=200,
-    stage2=True,
+    syn_domain="plain", syn_n_train=800, syn_n_val=100, syn_n_test=200, twin_batches=True,
+    stage2=True, stage2_lr=1e-3,
 )
 
 def _template(name:str="train_eval") -> Path:

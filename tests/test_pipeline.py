@@ -15,7 +15,9 @@ from diffusionret_nb.config import build_config
 from diffusionret_nb.learner import Callback
 
 # small enough for seconds on 2 CPU cores, large enough to learn something measurable
-TINY = dict(syn_n_train=48, syn_n_val=12, syn_n_test=24, epochs=4, batch_size=16, lr=1e-3, n_frames=4)
+TINY = dict(syn_n_train=48, syn_n_val=12, syn_n_test=24, epochs=4, batch_size=16, lr=1e-3, n_frames=4,
+            stage2_epochs=2, rerank_topk=8, diff_steps=10, diff_eval_steps=10)
+NO_STAGE2 = dict(stage2=False)
 KEYS = {"R@1", "R@5", "R@10", "R@50", "MdR", "MnR", "Rsum"}
 
 
@@ -31,6 +33,9 @@ def test_demo_writes_the_run_folder(demo_run):
     m = json.loads((demo_run / "metrics.json").read_text())
     assert set(m["t2v"]) == KEYS and set(m["v2t"]) == KEYS
     assert m["n_queries"] == m["n_candidates"] == TINY["syn_n_test"]
+    assert m["model"] == "stage 2" and set(m["stage1"]["t2v"]) == KEYS      # the demo trains stage 2 after stage 1
+    assert "stage 1 T2V" in (demo_run / "table.md").read_text() and "stage 2 T2V" in (demo_run / "table.md").read_text()
+    assert 0 <= m["stage1"]["twin_t2v"] <= 100 and m["n_twin_pairs"] == TINY["syn_n_test"] // 2
     assert m["chance_R@1"] == pytest.approx(100 / TINY["syn_n_test"])
     assert m["n_skipped_videos"] == 0
     params = json.loads((demo_run / "params.json").read_text())
@@ -40,11 +45,12 @@ def test_demo_writes_the_run_folder(demo_run):
 
 
 def test_demo_learns(demo_run):
-    "Trained beats untrained clearly, in both directions, by mean rank and by Rsum."
+    "Stage 1 beats the untrained model clearly, in both directions, by mean rank and by Rsum."
     m = json.loads((demo_run / "metrics.json").read_text())
+    s1 = m["stage1"]
     for d in ("t2v", "v2t"):
-        assert m[d]["MnR"] < 0.8 * m["untrained"][d]["MnR"], (d, m[d], m["untrained"][d])
-        assert m[d]["Rsum"] > m["untrained"][d]["Rsum"] + 10, (d, m[d], m["untrained"][d])
+        assert s1[d]["MnR"] < 0.8 * m["untrained"][d]["MnR"], (d, s1[d], m["untrained"][d])
+        assert s1[d]["Rsum"] > m["untrained"][d]["Rsum"] + 10, (d, s1[d], m["untrained"][d])
 
 
 def test_finished_run_is_recognised(demo_run, capsys):
@@ -59,7 +65,7 @@ class _Interrupt(Callback):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    params = {**DEMO_PARAMS, **TINY, "epochs": 2, "eval_untrained": False}
+    params = {**DEMO_PARAMS, **TINY, **NO_STAGE2, "epochs": 2, "eval_untrained": False}
     cfg = build_config(**params)
     straight = pipeline.train_eval(cfg, tmp_path / "straight", progress=False)
 
@@ -83,10 +89,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_other_parameters(tmp_path, monkeypatch):
-    cfg = build_config(**{**DEMO_PARAMS, **TINY, "epochs": 1, "eval_untrained": False})
+    cfg = build_config(**{**DEMO_PARAMS, **TINY, **NO_STAGE2, "epochs": 1, "eval_untrained": False})
     pipeline.train_eval(cfg, tmp_path, progress=False)
     (tmp_path / "metrics.json").unlink()
-    other = build_config(**{**DEMO_PARAMS, **TINY, "epochs": 1, "eval_untrained": False, "lr": 1e-2})
+    other = build_config(**{**DEMO_PARAMS, **TINY, **NO_STAGE2, "epochs": 1, "eval_untrained": False, "lr": 1e-2})
     with pytest.raises(Exception, match=r"other values of \['lr'\]"):
         pipeline.train_eval(other, tmp_path, progress=False)
 
