@@ -27,9 +27,9 @@ from .models import build_model, param_groups
 
 # %% auto #0
 __all__ = ['frame_source', 'train_loader', 'absolute_paths', 'check_inputs', 'read_checkpoint', 'load_checkpoint_model',
-           'params_differ', 'make_learner', 'SplitEvaluator', 'validation_split', 'train_stage1', 'select_model',
-           'train_eval', 'evaluate_checkpoint', 'RunFailed', 'template_parameters', 'run_template',
-           'params_from_template', 'run_name']
+           'resume_if_interrupted', 'params_differ', 'make_learner', 'SplitEvaluator', 'validation_split',
+           'train_stage1', 'select_model', 'train_eval', 'evaluate_checkpoint', 'RunFailed', 'template_parameters',
+           'run_template', 'params_from_template', 'run_name']
 
 # %% ../nbs/60_pipeline.ipynb #7f9df59f
 def frame_source(cfg:RunConfig, train:bool=False) -> FrameSource:
@@ -64,7 +64,7 @@ def check_inputs(cfg:RunConfig):
         raise CheckpointError(f"CLIP weights not found: {cfg.model.pretrained} (parameter pretrained)")
     resolve_device(cfg.train.device)
 
-# %% ../nbs/60_pipeline.ipynb #c953b363
+# %% ../nbs/60_pipeline.ipynb #fcfe6455
 def read_checkpoint(path) -> dict:
     "Load a checkpoint file onto the CPU; a clear error when missing or unreadable."
     path = Path(path).expanduser()
@@ -84,6 +84,14 @@ def load_checkpoint_model(path, cfg:RunConfig=None):
         raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, cfg
 
+def resume_if_interrupted(learn, last, cfg:RunConfig):
+    "Resume `learn` from `last` when it exists; refuse, naming them, if it was made with other parameters."
+    last = Path(last)
+    if not last.exists(): return learn
+    diff = params_differ(read_checkpoint(last)["params"], params_dict(cfg))
+    if diff: raise ConfigError(f"{last} was made with other values of {diff}; use another run folder or delete it")
+    return resume(learn, last)
+
 _RUNTIME_KEYS = {"device", "num_workers", "eval_batch_size", "sim_block", "eval_untrained", "eval_every", "rerank_n_seeds"}
 
 def params_differ(a:dict, b:dict) -> list:
@@ -91,7 +99,7 @@ def params_differ(a:dict, b:dict) -> list:
     fa, fb = config_from_dict(a).flat(), config_from_dict(b).flat()
     return sorted(k for k in fa if k not in _RUNTIME_KEYS and fa[k] != fb[k])
 
-# %% ../nbs/60_pipeline.ipynb #46f27edc
+# %% ../nbs/60_pipeline.ipynb #c5813303
 def make_learner(cfg:RunConfig, model, dl, run_dir:Path, evaluate=None, progress:bool=True) -> Learner:
     "A `Learner` with the callbacks the config asks for."
     t, device = cfg.train, resolve_device(cfg.train.device)
@@ -146,11 +154,7 @@ def train_stage1(cfg:RunConfig, run_dir, progress:bool=True):
     dl = train_loader(cfg, load_records(cfg, cfg.data.train_split))
     val = load_records(cfg, validation_split(cfg)) if validation_split(cfg) else None
     learn = make_learner(cfg, model, dl, run_dir, SplitEvaluator(cfg, val, device) if val else None, progress)
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.exists():
-        diff = params_differ(read_checkpoint(last)["params"], params_dict(cfg))
-        if diff: raise ConfigError(f"{last} was made with other values of {diff}; use another run folder or delete it")
-        resume(learn, last)
+    resume_if_interrupted(learn, run_dir / "checkpoints" / "last.pt", cfg)
     learn.fit(cfg.train.epochs)
     return learn, select_model(learn)
 

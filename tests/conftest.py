@@ -34,3 +34,12 @@ def shared_data(*parts) -> Path:
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists(): pytest.skip(f"real reference data not found at {p} (../shared/data beside the repository)")
     return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "One torch thread for a module of tiny-tensor tests: threads gain nothing there, and on a shared machine their hand-offs can cost more than the work."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

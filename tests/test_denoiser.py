@@ -10,12 +10,7 @@ from diffusionret_nb.denoiser import (OFFICIAL_PREFIX, QueryCandidateDenoiser, T
 from diffusionret_nb.stage2 import Stage2Generator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors gain nothing from threads, and on a shared machine thread hand-offs can cost more than the work."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 64
 

@@ -11,12 +11,7 @@ from diffusionret_nb.diffusion import DDIMSampler, DDPMSampler, GaussianDiffusio
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test-only dependency: pip install --no-deps -r requirements-test.txt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors gain nothing from threads, and on a shared machine thread hand-offs can cost more than the work."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schedulers(diff, name, spacing, eta=0.0, clip=True):

@@ -18,12 +18,7 @@ from diffusionret_nb.stage2 import (Stage2Generator, derive_num_neg, generation_
                                     mine_candidates, stage_plan)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors gain nothing from threads, and on a shared machine thread hand-offs can cost more than the work."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the synthetic world of tests/test_pipeline.py (rendered once per session into the shared cache)
 WORLD = dict(preset="tiny", syn_n_train=48, syn_n_val=12, syn_n_test=24, n_frames=8, device="cpu")
