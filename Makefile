@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lab check-notebooks nbdev-test pytest clean-venv
+.PHONY: setup demo test lab check-notebooks lint nbdev-test pytest clean-venv
 
 setup: $(STAMP)
 
@@ -19,11 +19,14 @@ $(STAMP): requirements.txt requirements-test.txt setup.py settings.ini
 demo: setup
 	$(BIN)/diffret demo
 
-## notebooks clean + exported in sync, no orphan module, nbdev_test, then pytest
-test: setup check-notebooks nbdev-test pytest
+## notebooks clean + exported in sync, no orphan module, lint, nbdev_test, then pytest
+test: setup check-notebooks lint nbdev-test pytest
 
 check-notebooks: setup
 	$(BIN)/python tools/check_notebooks.py
+
+lint: setup
+	$(BIN)/ruff check --select F --exclude diffusionret_nb/_modidx.py diffusionret_nb tools tests
 
 nbdev-test: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing

@@ -7,7 +7,7 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 
-from diffusionret_nb.clip import (CLIPBackbone, create_clip, openai_style_archive, read_weights, save_clip,
+from diffusionret_nb.clip import (create_clip, openai_style_archive, read_weights, save_clip,
                                   text_attn_mask, tokenize)
 from diffusionret_nb.config import CheckpointError, ConfigError, load_preset
 

@@ -2,7 +2,6 @@
 of a batch, get together the gradient that one process computes on the whole batch."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

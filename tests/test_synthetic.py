@@ -10,7 +10,7 @@ import pytest
 
 from diffusionret_nb.config import ConfigError, DataError
 from diffusionret_nb.synthetic import (
-    ARTICLES, COLOURS, DOMAINS, FPS, N_VIDEO_FRAMES, SHAPES, SYNTHETIC_VERSION, TEMPLATES, EVENTS,
+    ARTICLES, COLOURS, FPS, N_VIDEO_FRAMES, SHAPES, SYNTHETIC_VERSION, TEMPLATES, EVENTS,
     load_annotations, plan_world, render_world, synthetic_root, twin_key, verb_phrases)
 
 SMALL = dict(n_train=6, n_val=4, n_test=8, size=32)
