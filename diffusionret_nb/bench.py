@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, DiffRetError, atomic_write_json
+from .core import ConfigError, DiffRetError, atomic_write_json
 from .encoders import TokenWeightedSimilarity
 from .rerank import gallery_similarity_fast, gallery_similarity_reference, rerank
-from .stage2 import Stage2Generator
+from .generator import Stage2Generator
 
 # %% auto #0
 __all__ = ['MSRVTT_TOKEN_LENGTHS', 'random_gallery', 'measure', 'matmul_gflops', 'literal_flops', 'bench_rerank', 'summary',
@@ -208,7 +208,7 @@ def bench_main(argv=None) -> int:
     if argv[:1] == ["rerank"]: argv = argv[1:]
     a = bench_parser().parse_args(argv)
     try:
-        from diffusionret_nb.learner import resolve_device
+        from diffusionret_nb.core import resolve_device
         device = resolve_device(a.device)
         recs = bench_rerank(_ints(a.gallery, "gallery"), _ints(a.steps, "steps"), a.out, device=device, topk=a.topk, chunk=a.chunk,
                             lengths=a.lengths, reference=not a.no_reference, ref_gallery=a.ref_gallery, ref_steps=a.ref_steps,

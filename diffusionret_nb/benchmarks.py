@@ -5,21 +5,63 @@
 # %% ../nbs/05_benchmarks.ipynb #bedc5888
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, DataError, RunConfig
-from .datasets import VideoRecord, register_adapter
+import numpy as np
+
+from .core import ConfigError, DataError
+from .config import RunConfig
+from .datasets import Adapter, VideoRecord, adapter
+from .synthetic import load_annotations, render_world
 
 # %% auto #0
 __all__ = ['SPLIT_BASE', 'CARDS', 'MSRVTT_LISTS', 'LSMDC_FILES', 'ANET_FILES', 'CHARADES_FILES', 'FLICKR8K_FILES',
-           'FRAMES_FOLDER_FILES', 'FLICKR8K_PARAMS', 'data_root', 'ann_file', 'read_json', 'read_lines', 'read_csv',
-           'check_split', 'video_index', 'video_finder', 'make_records', 'Card', 'add_card', 'msrvtt_records',
-           'msvd_records', 'lsmdc_records', 'paragraph', 'activitynet_records', 'didemo_records', 'vatex_records',
-           'charades_records', 'frames_folder_records', 'frames_folder_adapter', 'flickr8k_records', 'run_flickr8k']
+           'FRAMES_FOLDER_FILES', 'ADAPTERS', 'twin_accuracy', 'synthetic_records', 'data_root', 'ann_file',
+           'read_json', 'read_lines', 'read_csv', 'check_split', 'video_index', 'video_finder', 'make_records', 'Card',
+           'add_card', 'msrvtt_records', 'msvd_records', 'lsmdc_records', 'paragraph', 'activitynet_records',
+           'didemo_records', 'vatex_records', 'charades_records', 'frames_folder_records', 'frames_folder_adapter',
+           'flickr8k_records', 'register_adapter', 'get_adapter', 'resolve_config', 'load_records']
+
+# %% ../nbs/05_benchmarks.ipynb #54924b1f
+def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
+    if cfg.data.data_root:
+        root = Path(cfg.data.data_root).expanduser()
+        if not root.is_dir(): raise DataError(f"data folder not found: {root} (data_root)")
+        return root
+    s = cfg.synthetic
+    return render_world(seed=s.syn_seed, domain=domain, n_train=s.syn_n_train, n_val=s.syn_n_val,
+                        n_test=s.syn_n_test, size=s.syn_size)
+
+def twin_accuracy(g, records:list, sim=None) -> dict:
+    "Synthetic world: % of test pairs where a clip beats its time-reversed twin (chance 50 %; ties lose)."
+    sim = (g.sim if sim is None else sim).float()
+    col = {records[int(r)].video_id: c for c, r in enumerate(g.video_index)}
+    t2v, v2t = [], []
+    for i, c in enumerate(g.text_video):                       # query i is the caption of video column c
+        tw = col.get(records[int(g.video_index[c])].meta.get("twin_id"))
+        if tw is None: continue
+        t2v.append(bool(sim[i, c] > sim[i, tw]))                # the text prefers its video to the twin
+        j = np.flatnonzero(g.text_video == tw)
+        if len(j): v2t.append(bool(sim[i, c] > sim[j[0], c]))  # the video prefers its caption to the twin's
+    pct = lambda x: float(100.0 * np.mean(x)) if x else float("nan")
+    return {"twin_t2v": pct(t2v), "twin_v2t": pct(v2t), "n_twin_pairs": len(t2v) // 2}
+
+@adapter("synthetic", protocol="single", n_words=32, n_frames=8, splits=("train", "val", "test"),
+                  diagnostics=twin_accuracy)
+def synthetic_records(cfg:RunConfig, split:str) -> list:
+    "The embedded synthetic world (see 04_synthetic); renders it on first use."
+    s = cfg.synthetic
+    domain = (s.syn_test_domain or s.syn_domain) if split == cfg.data.test_split else s.syn_domain
+    root = _synthetic_root(cfg, domain)
+    ann = load_annotations(root)
+    return [VideoRecord(int(c["video_id"]), str(root / c["video"]), list(c["captions"]), c["split"],
+                        meta={"twin_id": c.get("twin_id")})
+            for c in ann["clips"] if c["split"] == split]
 
 # %% ../nbs/05_benchmarks.ipynb #e3b44459
 def data_root(cfg:RunConfig) -> Path:
@@ -134,7 +176,7 @@ def _msrvtt_captions(path:Path) -> dict:
     if not caps: raise DataError(f"{path}: no 'sentences' with 'video_id' and 'caption' found")
     return caps
 
-@register_adapter("msrvtt", protocol="single", n_words=32, n_frames=12, splits=("train", "test"))
+@adapter("msrvtt", protocol="single", n_words=32, n_frames=12, splits=("train", "test"))
 def msrvtt_records(cfg:RunConfig, split:str) -> list:
     "MSRVTT 1k-A: train on every caption of the 9k (or 7k) videos, test on the 1000 JSFUSION pairs."
     root = data_root(cfg); check_split("msrvtt", split, ("train", "test"))
@@ -168,7 +210,7 @@ def _listed(dataset:str, caps:dict, ids:list, what:str) -> list:
     if lost: raise DataError(f"{dataset}: {what} has no captions for {len(lost)} listed videos, e.g. {lost[:3]}")
     return [(v, caps[v]) for v in ids]
 
-@register_adapter("msvd", protocol="multi", n_words=32, n_frames=12, splits=("train", "val", "test"))
+@adapter("msvd", protocol="multi", n_words=32, n_frames=12, splits=("train", "val", "test"))
 def msvd_records(cfg:RunConfig, split:str) -> list:
     "MSVD: every caption of each video (multi-caption protocol), official 1200/100/670 split lists."
     root = data_root(cfg); check_split("msvd", split, ("train", "val", "test")); _no_train_list(cfg)
@@ -193,7 +235,7 @@ def _lsmdc_rows(path:Path) -> list:
         out.append((f[0].strip(), [f[5].strip()]))
     return out
 
-@register_adapter("lsmdc", protocol="single", n_words=32, n_frames=12, splits=("train", "val", "test"))
+@adapter("lsmdc", protocol="single", n_words=32, n_frames=12, splits=("train", "val", "test"))
 def lsmdc_records(cfg:RunConfig, split:str) -> list:
     "LSMDC: one sentence per clip; test = the 1000-clip challenge set (not the 7,408-clip val set)."
     root = data_root(cfg); check_split("lsmdc", split, tuple(LSMDC_FILES)); _no_train_list(cfg)
@@ -220,7 +262,7 @@ def _anet_items(path:Path) -> list:
         items.append((k, [paragraph(v["sentences"])]))
     return items
 
-@register_adapter("activitynet", protocol="paragraph", n_words=64, n_frames=64, splits=("train", "test"))
+@adapter("activitynet", protocol="paragraph", n_words=64, n_frames=64, splits=("train", "test"))
 def activitynet_records(cfg:RunConfig, split:str) -> list:
     "ActivityNet Captions: all sentences of a video joined into one paragraph; test = val_1 (4,917 videos)."
     root = data_root(cfg); check_split("activitynet", split, tuple(ANET_FILES)); _no_train_list(cfg)
@@ -241,7 +283,7 @@ def _didemo_items(path:Path) -> tuple:
         groups.setdefault(stem, []).append(a["description"]); names.setdefault(stem, a["video"])
     return [(k, [paragraph(v)]) for k, v in groups.items()], names
 
-@register_adapter("didemo", protocol="paragraph", n_words=64, n_frames=64, splits=("train", "val", "test"))
+@adapter("didemo", protocol="paragraph", n_words=64, n_frames=64, splits=("train", "val", "test"))
 def didemo_records(cfg:RunConfig, split:str) -> list:
     "DiDeMo: all descriptions of a video joined into one paragraph, window 0-31 s; videos keyed by file stem."
     root = data_root(cfg); check_split("didemo", split, ("train", "val", "test")); _no_train_list(cfg)
@@ -262,7 +304,7 @@ def _vatex_captions(path:Path) -> dict:
     if bad: raise DataError(f"{path}: entries without 'enCap', e.g. {bad[:3]}")
     return {k: v["enCap"] for k, v in d.items()}
 
-@register_adapter("vatex", protocol="multi", n_words=32, n_frames=12, splits=("train", "val", "test"))
+@adapter("vatex", protocol="multi", n_words=32, n_frames=12, splits=("train", "val", "test"))
 def vatex_records(cfg:RunConfig, split:str) -> list:
     "VATEX: the 10 English captions of each video (multi-caption protocol), HGR split lists."
     root = data_root(cfg); check_split("vatex", split, ("train", "val", "test")); _no_train_list(cfg)
@@ -282,7 +324,7 @@ def _charades_items(path:Path) -> list:
     rows = read_csv(path, ("id", "script", "descriptions"))
     return [(r["id"], [r["script"].strip()] + [d.strip() for d in r["descriptions"].split(";") if d.strip()]) for r in rows]
 
-@register_adapter("charades", protocol="single", n_words=32, n_frames=12, splits=("train", "test"))
+@adapter("charades", protocol="single", n_words=32, n_frames=12, splits=("train", "test"))
 def charades_records(cfg:RunConfig, split:str) -> list:
     "Charades: official v1 train/test videos (7,985 / 1,863); query = the script, training also on the descriptions."
     root = data_root(cfg); check_split("charades", split, tuple(CHARADES_FILES)); _no_train_list(cfg)
@@ -305,13 +347,13 @@ def frames_folder_records(root:Path, split:str, captions_file:str, split_file:st
     names = read_lines(ann_file(root, split_file, dataset))
     return make_records([(n, caps[n]) for n in names if n in caps], split, lambda n: str(Path(root) / image_dir / n))
 
-@register_adapter("frames_folder", protocol="multi", n_words=32, n_frames=1, splits=tuple(FRAMES_FOLDER_FILES))
+@adapter("frames_folder", protocol="multi", n_words=32, n_frames=1, splits=tuple(FRAMES_FOLDER_FILES))
 def frames_folder_adapter(cfg:RunConfig, split:str) -> list:
     "A folder of images with captions.csv (image,caption) and train/val/test.txt lists, read as one-frame videos."
     root = data_root(cfg); check_split("frames_folder", split, tuple(FRAMES_FOLDER_FILES)); _no_train_list(cfg)
     return frames_folder_records(root, split, "captions.csv", FRAMES_FOLDER_FILES[split], "frames_folder")
 
-@register_adapter("flickr8k", protocol="multi", n_words=32, n_frames=1, splits=tuple(FLICKR8K_FILES))
+@adapter("flickr8k", protocol="multi", n_words=32, n_frames=1, splits=tuple(FLICKR8K_FILES))
 def flickr8k_records(cfg:RunConfig, split:str) -> list:
     "Flickr8k images as one-frame videos with their 5 captions; official train/dev(=val)/test lists."
     root = data_root(cfg); check_split("flickr8k", split, tuple(FLICKR8K_FILES)); _no_train_list(cfg)
@@ -322,12 +364,32 @@ add_card(Card("flickr8k", files={s: ["captions.txt", f] for s, f in FLICKR8K_FIL
                       "flickr8k-mini (first 1000 images)": {"train": 753, "val": 113, "test": 125}}))
 add_card(Card("frames_folder", files={s: ["captions.csv", f] for s, f in FRAMES_FOLDER_FILES.items()}, counts={}, media="images"))
 
-# %% ../nbs/05_benchmarks.ipynb #8f0ed3d7
-FLICKR8K_PARAMS = dict(dataset="flickr8k", preset="tiny", pretrained="", clip_lr_coef=1.0, freeze_patch_conv=False,
-                       optimizer="adamw", batch_size=32, lr=5e-4, weight_decay=0.05, ema=0.0, device="cpu", epochs=30)
+# %% ../nbs/05_benchmarks.ipynb #a9271a4c
+ADAPTERS: dict = {f.adapter.name: f.adapter for f in (
+    synthetic_records, msrvtt_records, msvd_records, lsmdc_records, activitynet_records, didemo_records, vatex_records,
+    charades_records, frames_folder_adapter, flickr8k_records)}
 
-def run_flickr8k(data_root, run_dir, progress:bool=True, **overrides) -> dict:
-    "Train the tiny model from scratch on Flickr8k images (one-frame videos) and evaluate; returns metrics.json."
-    from diffusionret_nb.config import build_config
-    from diffusionret_nb.pipeline import train_eval
-    return train_eval(build_config(**{**FLICKR8K_PARAMS, "data_root": str(data_root), **overrides}), run_dir, progress=progress)
+def register_adapter(fn) -> Adapter:
+    "Add a function decorated with `datasets.adapter` to `ADAPTERS`; returns its `Adapter`."
+    a = getattr(fn, "adapter", None)
+    if not isinstance(a, Adapter): raise TypeError(f"{fn!r} is not an adapter: decorate it with diffusionret_nb.datasets.adapter(name, ...)")
+    ADAPTERS[a.name] = a
+    return a
+
+def get_adapter(name:str) -> Adapter:
+    "The adapter registered as `name`, or a `DataError` listing the known ones."
+    if name not in ADAPTERS: raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[name]
+
+def resolve_config(cfg:RunConfig) -> RunConfig:
+    "A copy of `cfg` with `n_words`/`n_frames` of 0 replaced by the dataset's defaults."
+    a, cfg = get_adapter(cfg.data.dataset), copy.deepcopy(cfg)
+    if not cfg.data.n_words: cfg.data.n_words = a.n_words
+    if not cfg.data.n_frames: cfg.data.n_frames = a.n_frames
+    return cfg
+
+def load_records(cfg:RunConfig, split:str) -> list:
+    "Records of `split` from the configured dataset; an empty split is an error naming it."
+    recs = get_adapter(cfg.data.dataset).load(cfg, split)
+    if not recs: raise DataError(f"dataset {cfg.data.dataset!r} has no videos in split {split!r} (data_root={cfg.data.data_root!r})")
+    return recs

@@ -7,54 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
-from .config import PARAMS, ConfigError, DiffRetError, build_config, check_value, param_help
-from .pipeline import RunFailed, absolute_paths, check_inputs, evaluate_checkpoint, run_name, run_template
+from .core import ConfigError, DiffRetError
+from .config import PARAMS, SECTIONS, RunConfig, arch_recipe, check_value, list_paramsets, param_help
+from .pipeline import evaluate_checkpoint
+from .runner import RunFailed, run_experiment, run_params
 
 # %% auto #0
-__all__ = ['DEMO_PARAMS', 'run_experiment', 'demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'cmd_eval', 'main', 'console']
-
-# %% ../nbs/70_cli.ipynb #c9263f69
-DEMO_PARAMS = dict(
-    dataset="synthetic", preset="tiny", pretrained="", temporal="transformer",
-    frame_sampling="reference",
-    epochs=6, batch_size=32, lr=5e-4, clip_lr_coef=1.0, freeze_patch_conv=False, weight_decay=0.05,
-    optimizer="adamw", ema=0.0, eval_untrained=True, device="cpu",
-    syn_domain="plain", syn_n_train=800, syn_n_val=100, syn_n_test=200, twin_batches=True,
-    stage2=True, stage2_lr=1e-3,
-)
-
-def _template(name:str="train_eval") -> Path:
-    "The experiment template `experiments/<name>.ipynb` of this checkout."
-    import diffusionret_nb
-    p = Path(diffusionret_nb.__file__).resolve().parents[1] / "experiments" / f"{name}.ipynb"
-    if not p.exists(): raise DiffRetError(f"experiment template not found: {p} (install the package editable from its repository: pip install -e .)")
-    return p
+__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'cmd_eval', 'main', 'console']
 
 # %% ../nbs/70_cli.ipynb #0eae3ddf
-def run_experiment(params:dict, out="results/train", name:str=None, force:bool=False, progress:bool=True,
-                   template:str="train_eval") -> Path:
-    "Validate `params`, run the template into `<out>/<name>`, return the run folder."
-    params = absolute_paths(params)
-    cfg = build_config(**params)
-    check_inputs(cfg)
-    run_dir = (Path(out) / (name or run_name(cfg))).resolve()
-    if (run_dir / "metrics.json").exists():
-        if not force:
-            print(f"run already complete: {run_dir} (use --force to run it again)")
-            return run_dir
-        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(run_dir), str(old)); print(f"moved the previous run to {old}")
-    run_template(_template(template), run_dir, cfg.flat(), progress=progress)
-    return run_dir
-
 def demo(out="results/demo", name:str=None, force:bool=False, progress:bool=True, **overrides) -> Path:
-    "The embedded default: render the synthetic world, train the tiny model on CPU, evaluate; returns the run folder."
-    return run_experiment({**DEMO_PARAMS, **overrides}, out, name, force, progress)
+    "The embedded default (parameter set `demo`): render the synthetic world, train the tiny model on CPU, evaluate."
+    return run_experiment(run_params("demo", **overrides), out, name, force, progress)
 
 # %% ../nbs/70_cli.ipynb #6bcd7632
 def parse_overrides(pairs:list, params_file:str=None) -> dict:
@@ -81,11 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--params", metavar="FILE", help="JSON file of parameters")
         p.add_argument("--out", default=out, help=f"experiment folder (default {out})")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-    d = sub.add_parser("demo", help="render the synthetic world, train the tiny model on CPU, evaluate")
-    t = sub.add_parser("train", help="train stage 1 and evaluate (parameters as for demo)")
+    d = sub.add_parser("demo", help="the embedded default (parameter set 'demo'): synthetic world, tiny model on CPU")
+    t = sub.add_parser("train", help="train (stage 1, and stage 2 with stage2=true) and evaluate; library defaults "
+                                     "(the reference recipe) unless --set or -p say otherwise")
+    t.add_argument("--set", dest="paramset", metavar="NAME", help=f"start from a parameter set: {', '.join(list_paramsets())}")
     for p, out in ((d, "results/demo"), (t, "results/train")):
         common(p, out)
-        p.add_argument("--name", help="run folder name (default: dataset-preset-temporal-<hash of parameters>)")
+        p.add_argument("--name", help="run folder name (default: dataset-arch-preset-<hash of parameters>)")
         p.add_argument("--force", action="store_true", help="run again even if the run folder holds a finished run")
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
     common(e, "results/eval")
@@ -94,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="re-encode a dataset's videos and build its frame cache (see `diffret prepare -h`)", add_help=False)
     sub.add_parser("verify", help="check a dataset folder against its data card (see `diffret verify -h`)", add_help=False)
     sub.add_parser("bench", help="benchmark similarity and diffusion re-ranking (see `diffret bench rerank -h`)", add_help=False)
-    pp = sub.add_parser("params", help="list the parameters with their defaults and help")
+    pp = sub.add_parser("params", help="list the parameters with their defaults and help, by section and arch")
     pp.add_argument("names", nargs="*", help="only these parameters")
     return ap
 
@@ -105,17 +74,31 @@ def _print_result(run_dir:Path):
     print(f"results: {run_dir}/  (metrics.json, params.json, table.md" +
           (", executed.ipynb" if (run_dir / "executed.ipynb").exists() else "") + ")")
 
+def _param_line(k:str, value) -> str:
+    archs = PARAMS[k][1].metadata.get("archs")
+    return f"{k} = {value!r}" + (f"    [arch: {', '.join(archs)}]" if archs else "") + f"\n    {param_help(k)}"
+
 def cmd_params(args):
-    from diffusionret_nb.config import RunConfig
     flat = RunConfig().flat()
-    for k in args.names or sorted(PARAMS):
-        if k not in PARAMS: raise ConfigError(f"unknown parameter {k!r}")
-        print(f"{k} = {flat[k]!r}\n    {param_help(k)}")
+    for k in args.names:
+        if k not in PARAMS: raise ConfigError(f"unknown parameter {k!r}; valid parameters: {', '.join(sorted(PARAMS))}")
+    if args.names:
+        for k in args.names: print(_param_line(k, flat[k]))
+        return
+    for sec in SECTIONS:
+        print(f"## {sec}")
+        for k in [k for k in PARAMS if PARAMS[k][0] == sec]: print(_param_line(k, flat[k]))
+        print()
+    archs = PARAMS["arch"][1].metadata["choices"]
+    print("## arch recipes (the defaults a non-default arch brings; diffusionret_nb/paramsets/<arch>.json)")
+    for a in archs:
+        rec = arch_recipe(a)
+        print(f"{a}: " + (", ".join(f"{k}={v!r}" for k, v in rec.items()) if rec else "the library defaults (the reference recipe)"))
 
 def cmd_run(args):
     overrides = parse_overrides(args.param, args.params)
     if args.cmd == "demo": run_dir = demo(args.out, args.name, args.force, not args.quiet, **overrides)
-    else: run_dir = run_experiment(overrides, args.out, args.name, args.force, not args.quiet)
+    else: run_dir = run_experiment(run_params(args.paramset, **overrides), args.out, args.name, args.force, not args.quiet)
     _print_result(run_dir)
 
 def cmd_eval(args):

@@ -19,7 +19,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from .config import CheckpointError, ConfigError, atomic_torch_save, load_preset
+from .core import CheckpointError, ConfigError, atomic_torch_save
+from .config import load_preset
 
 # %% auto #0
 __all__ = ['PROJECT_FORMAT', 'OPENAI_META_KEYS', 'tokenize', 'text_attn_mask', 'check_preset', 'CLIPBackbone', 'WeightsInfo',

@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .clip import tokenize
-from .config import ConfigError, DataError, RunConfig
-from .video import VideoReadError, load_frames, normalize, resize_crop
+from .core import ConfigError, DataError
+from .config import RunConfig
+from .video import VideoReadError, load_frames, normalize, random_resized_crop_flip, resize_crop
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'IMAGE_EXTS', 'CACHE_VERSION', 'VideoRecord', 'Adapter', 'register_adapter', 'get_adapter',
-           'resolve_config', 'load_records', 'twin_accuracy', 'synthetic_records', 'pad_frames', 'load_image_frames',
-           'read_record', 'cache_spec', 'cache_spec_name', 'cache_key', 'FrameCache', 'FrameSource', 'cache_folder',
+__all__ = ['IMAGE_EXTS', 'CACHE_VERSION', 'VideoRecord', 'Adapter', 'adapter', 'pad_frames', 'load_image_frames', 'read_record',
+           'cache_spec', 'cache_spec_name', 'cache_key', 'FrameCache', 'FrameSource', 'cache_folder',
            'VideoTextDataset', 'twin_groups', 'collate', 'eval_texts']
 
 # %% ../nbs/03_datasets.ipynb #b22f4bac
@@ -49,72 +49,13 @@ class Adapter:
     splits: tuple = ()             # the splits it knows (empty: not declared)
     diagnostics: Callable | None = None   # optional `fn(gallery, records, sim) -> dict` of extra metrics
 
-ADAPTERS: dict = {}
-
-def register_adapter(name:str, protocol:str="single", n_words:int=32, n_frames:int=12, splits:tuple=(), diagnostics=None):
-    "Decorator registering `fn(cfg, split) -> list[VideoRecord]` as adapter `name`."
+def adapter(name:str, protocol:str="single", n_words:int=32, n_frames:int=12, splits:tuple=(), diagnostics=None):
+    "Decorator describing `fn(cfg, split) -> list[VideoRecord]` as adapter `name` (sets `fn.adapter`; registers nothing)."
     assert protocol in ("single", "multi", "paragraph"), protocol
-    def _reg(fn):
-        ADAPTERS[name] = Adapter(name, fn, protocol, n_words, n_frames, (fn.__doc__ or "").strip(), tuple(splits), diagnostics)
+    def _describe(fn):
+        fn.adapter = Adapter(name, fn, protocol, n_words, n_frames, (fn.__doc__ or "").strip(), tuple(splits), diagnostics)
         return fn
-    return _reg
-
-def get_adapter(name:str) -> Adapter:
-    "The adapter registered as `name`, or a `DataError` listing the known ones."
-    if name not in ADAPTERS: raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[name]
-
-def resolve_config(cfg:RunConfig) -> RunConfig:
-    "A copy of `cfg` with `n_words`/`n_frames` of 0 replaced by the dataset's defaults."
-    import copy
-    a, cfg = get_adapter(cfg.data.dataset), copy.deepcopy(cfg)
-    if not cfg.data.n_words: cfg.data.n_words = a.n_words
-    if not cfg.data.n_frames: cfg.data.n_frames = a.n_frames
-    return cfg
-
-def load_records(cfg:RunConfig, split:str) -> list:
-    "Records of `split` from the configured dataset; an empty split is an error naming it."
-    recs = get_adapter(cfg.data.dataset).load(cfg, split)
-    if not recs: raise DataError(f"dataset {cfg.data.dataset!r} has no videos in split {split!r} (data_root={cfg.data.data_root!r})")
-    return recs
-
-# %% ../nbs/03_datasets.ipynb #54924b1f
-def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
-    from diffusionret_nb.synthetic import render_world
-    if cfg.data.data_root:
-        root = Path(cfg.data.data_root).expanduser()
-        if not root.is_dir(): raise DataError(f"data folder not found: {root} (data_root)")
-        return root
-    s = cfg.synthetic
-    return render_world(seed=s.syn_seed, domain=domain, n_train=s.syn_n_train, n_val=s.syn_n_val,
-                        n_test=s.syn_n_test, size=s.syn_size)
-
-def twin_accuracy(g, records:list, sim=None) -> dict:
-    "Synthetic world: % of test pairs where a clip beats its time-reversed twin (chance 50 %; ties lose)."
-    sim = (g.sim if sim is None else sim).float()
-    col = {records[int(r)].video_id: c for c, r in enumerate(g.video_index)}
-    t2v, v2t = [], []
-    for i, c in enumerate(g.text_video):                       # query i is the caption of video column c
-        tw = col.get(records[int(g.video_index[c])].meta.get("twin_id"))
-        if tw is None: continue
-        t2v.append(bool(sim[i, c] > sim[i, tw]))                # the text prefers its video to the twin
-        j = np.flatnonzero(g.text_video == tw)
-        if len(j): v2t.append(bool(sim[i, c] > sim[j[0], c]))  # the video prefers its caption to the twin's
-    pct = lambda x: float(100.0 * np.mean(x)) if x else float("nan")
-    return {"twin_t2v": pct(t2v), "twin_v2t": pct(v2t), "n_twin_pairs": len(t2v) // 2}
-
-@register_adapter("synthetic", protocol="single", n_words=32, n_frames=8, splits=("train", "val", "test"),
-                  diagnostics=twin_accuracy)
-def synthetic_records(cfg:RunConfig, split:str) -> list:
-    "The embedded synthetic world (see 04_synthetic); renders it on first use."
-    from diffusionret_nb.synthetic import load_annotations
-    s = cfg.synthetic
-    domain = (s.syn_test_domain or s.syn_domain) if split == cfg.data.test_split else s.syn_domain
-    root = _synthetic_root(cfg, domain)
-    ann = load_annotations(root)
-    return [VideoRecord(int(c["video_id"]), str(root / c["video"]), list(c["captions"]), c["split"],
-                        meta={"twin_id": c.get("twin_id")})
-            for c in ann["clips"] if c["split"] == split]
+    return _describe
 
 # %% ../nbs/03_datasets.ipynb #814df062
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -197,8 +138,11 @@ class FrameCache:
 class FrameSource:
     "Reads, caches and normalises the frames of records; counts skipped videos."
     def __init__(self, n_frames:int, image_size:int, sampling:str="reference", sample_fps:float=1.0,
-                 jitter:bool=False, policy:str="skip", cache:str="memory", seed:int=0, cache_dir=None, root=None):
+                 jitter:bool=False, policy:str="skip", cache:str="memory", seed:int=0, cache_dir=None, root=None,
+                 augment:str="none"):
         if cache not in ("memory", "disk", "none"): raise ConfigError(f"frame_cache must be 'memory', 'disk' or 'none', got {cache!r}")
+        if augment not in ("none", "xpool"): raise ConfigError(f"train_augment must be 'none' or 'xpool', got {augment!r}")
+        self.augment = augment
         self.n_frames, self.image_size, self.sampling, self.sample_fps = n_frames, image_size, sampling, sample_fps
         self.jitter, self.policy, self.use_cache, self.seed = jitter, policy, cache == "memory" and not jitter, seed
         self.cache, self.skipped, self.root, self.cache_misses, self.disk = {}, {}, root, 0, None
@@ -226,6 +170,7 @@ class FrameSource:
         root = str(Path(d.data_root).expanduser()) if d.data_root else None
         src = dict(n_frames=d.n_frames, image_size=size, sampling=d.frame_sampling, sample_fps=d.sample_fps)
         return cls(**src, jitter=train and d.train_frame_jitter and d.frame_sampling == "segments",
+                   augment=d.train_augment if train else "none",
                    policy=d.video_policy, cache=d.frame_cache, seed=cfg.train.seed, root=root,
                    cache_dir=cache_folder(cfg, size) if d.frame_cache == "disk" else None)
 
@@ -250,7 +195,14 @@ class FrameSource:
             self.skipped[key] = str(e)
             return None
         frames, mask = out
+        if self.augment == "xpool":             # the same crop and flip for every frame of the clip (cached frames stay plain)
+            frames = random_resized_crop_flip(frames, rng if rng is not None else np.random.default_rng())
         return normalize(frames), torch.as_tensor(mask, dtype=torch.bool)
+
+    @property
+    def random(self) -> bool:
+        "Whether items are drawn at random (jittered frames or augmentation): they then need a seeded generator."
+        return self.jitter or self.augment != "none"
 
 def cache_folder(cfg:RunConfig, image_size:int=None):
     "The frame-cache folder of a (resolved) run config: `<frame_cache_dir or data_root/frame_cache>/<spec name>`."
@@ -275,7 +227,7 @@ class VideoTextDataset(Dataset):
     def __len__(self): return len(self.items)
 
     def _rng(self, idx):
-        return np.random.default_rng([self.seed, self.epoch, idx]) if self.frames.jitter else None
+        return np.random.default_rng([self.seed, self.epoch, idx]) if self.frames.random else None
 
     def __getitem__(self, idx):
         ri, ci = self.items[idx]
@@ -317,6 +269,3 @@ def eval_texts(records:list, protocol:str="single") -> tuple:
         pairs = [(c, i) for i, r in enumerate(records) for c in r.captions]
         return [c for c, _ in pairs], np.array([i for _, i in pairs])
     raise ValueError(f"unknown protocol {protocol!r}; expected 'single', 'multi' or 'paragraph'")
-
-# %% ../nbs/03_datasets.ipynb #d42b6a3c
-import diffusionret_nb.benchmarks  # noqa: E402,F401  (registers the benchmark adapters in ADAPTERS)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CheckpointError
+from .core import CheckpointError
 
 # %% auto #0
 __all__ = ['OFFICIAL_PREFIX', 'OFFICIAL_INNER', 'sinusoidal_embedding', 'QueryCandidateDenoiser', 'T2VDenoiser', 'V2TDenoiser',

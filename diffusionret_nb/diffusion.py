@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .core import ConfigError
 
 # %% auto #0
 __all__ = ['MAX_BETA', 'SCHEDULES', 'SPACINGS', 'SAMPLERS', 'cosine_betas', 'linear_betas', 'make_betas', 'GaussianDiffusion',

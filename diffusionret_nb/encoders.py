@@ -5,15 +5,17 @@
 # %% ../nbs/10_encoders.ipynb #4aa454c4
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
-from .config import ConfigError
+from .core import ConfigError
 
 # %% auto #0
-__all__ = ['TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity']
+__all__ = ['TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
 class TemporalTransformer(nn.Module):
@@ -92,3 +94,37 @@ class TokenWeightedSimilarity(nn.Module):
     def forward(self, words, word_mask, frames, frame_mask) -> torch.Tensor:
         "Similarity (Nt, Nv) of every text with every video."
         return self.score(self.prepare_text(words, word_mask), self.prepare_video(frames, frame_mask))
+
+# %% ../nbs/10_encoders.ipynb #4c684ff0
+def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor) -> dict:
+    "Weights (softmax over real tokens of mlp(token)), normalised features zeroed on padding, lengths."
+    valid = mask.bool()
+    logits = torch.full(mask.shape, -math.inf, device=feats.device, dtype=feats.dtype)
+    logits[valid] = mlp(feats[valid]).squeeze(-1)
+    return dict(feat=F.normalize(feats, dim=-1) * valid[..., None], weight=torch.softmax(logits, -1), length=valid.sum(1))
+
+@torch.no_grad()
+def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=64, block_v:int=256, device="cpu") -> torch.Tensor:
+    "Token-weighted similarity (N_text, N_video) of encoded texts and videos, equal to `TokenWeightedSimilarity`."
+    t = _prepare(sim_module.text_weight_fc, text["words"].to(device).float(), text["mask"].to(device))
+    v = _prepare(sim_module.video_weight_fc, video["frames"].to(device).float(), video["mask"].to(device))
+    (nt, L, D), (nv, T, _) = t["feat"].shape, v["feat"].shape
+    padded = t["length"] < L                                                      # texts whose max over words meets a 0
+    vblocks = [(j, v["feat"][j:j + block_v].transpose(0, 1).reshape(-1, D), v["weight"][j:j + block_v].T[None])
+               for j in range(0, nv, block_v)]                                    # frame-major (T·bv, D), weights (1, T, bv)
+    order = torch.argsort(t["length"], descending=True, stable=True)
+    out = torch.empty(nt, nv, device=device)
+    for i in range(0, nt, block_t):
+        rows = order[i:i + block_t]; bt = len(rows)
+        Lb = max(int(t["length"][rows].max()), 1)
+        tf, tw, pad = t["feat"][rows, :Lb].reshape(-1, D), t["weight"][rows, :Lb], padded[rows][:, None, None]
+        for j, vf, vw in vblocks:
+            bv = vf.shape[0] // T
+            a = (tf @ vf.T)                                                       # (bt·Lb, T·bv) cosines
+            w_max = a.view(bt * Lb, T, bv).amax(1).view(bt, Lb, bv)              # max over frames, per word
+            f_max = a.view(bt, Lb, T * bv).amax(1).view(bt, T, bv)               # max over words, per frame
+            f_max = torch.where(pad, f_max.clamp_min(0), f_max)
+            t2v = torch.bmm(tw[:, None, :], w_max).squeeze(1)                     # Σ_i g_t[i] max_j a[i, j]
+            v2t = (f_max * vw).sum(1)                                             # Σ_j g_v[j] max_i a[i, j]
+            out[rows, j:j + bv] = (t2v + v2t) / 2
+    return out.cpu()

@@ -6,21 +6,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .clip import tokenize
-from .config import DataError
+from .core import DataError
 from .datasets import VideoTextDataset, collate, eval_texts
 from .metrics import chance_recall, multi_caption_metrics
 
 # %% auto #0
-__all__ = ['encode_texts', 'encode_videos', 'gallery_similarity_fast', 'gallery_similarity', 'Gallery', 'encode_gallery',
-           'gallery_metrics', 'evaluate_records']
+__all__ = ['encode_texts', 'encode_videos', 'Gallery', 'encode_gallery', 'gallery_metrics', 'evaluate_records']
 
 # %% ../nbs/51_inference.ipynb #48309cf8
 def _bar(total, desc, progress):
@@ -53,45 +50,6 @@ def encode_videos(model, dataset:VideoTextDataset, batch_size:int=64, device="cp
     if not outs: raise DataError(f"no video of the {len(dataset)} in the gallery could be read")
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}, torch.cat(kept).numpy(), skipped
 
-# %% ../nbs/51_inference.ipynb #4c684ff0
-def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor) -> dict:
-    "Weights (softmax over real tokens of mlp(token)), normalised features zeroed on padding, lengths."
-    valid = mask.bool()
-    logits = torch.full(mask.shape, -math.inf, device=feats.device, dtype=feats.dtype)
-    logits[valid] = mlp(feats[valid]).squeeze(-1)
-    return dict(feat=F.normalize(feats, dim=-1) * valid[..., None], weight=torch.softmax(logits, -1), length=valid.sum(1))
-
-@torch.no_grad()
-def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=64, block_v:int=256, device="cpu") -> torch.Tensor:
-    "Token-weighted similarity (N_text, N_video) of encoded texts and videos, equal to `TokenWeightedSimilarity`."
-    t = _prepare(sim_module.text_weight_fc, text["words"].to(device).float(), text["mask"].to(device))
-    v = _prepare(sim_module.video_weight_fc, video["frames"].to(device).float(), video["mask"].to(device))
-    (nt, L, D), (nv, T, _) = t["feat"].shape, v["feat"].shape
-    padded = t["length"] < L                                                      # texts whose max over words meets a 0
-    vblocks = [(j, v["feat"][j:j + block_v].transpose(0, 1).reshape(-1, D), v["weight"][j:j + block_v].T[None])
-               for j in range(0, nv, block_v)]                                    # frame-major (T·bv, D), weights (1, T, bv)
-    order = torch.argsort(t["length"], descending=True, stable=True)
-    out = torch.empty(nt, nv, device=device)
-    for i in range(0, nt, block_t):
-        rows = order[i:i + block_t]; bt = len(rows)
-        Lb = max(int(t["length"][rows].max()), 1)
-        tf, tw, pad = t["feat"][rows, :Lb].reshape(-1, D), t["weight"][rows, :Lb], padded[rows][:, None, None]
-        for j, vf, vw in vblocks:
-            bv = vf.shape[0] // T
-            a = (tf @ vf.T)                                                       # (bt·Lb, T·bv) cosines
-            w_max = a.view(bt * Lb, T, bv).amax(1).view(bt, Lb, bv)              # max over frames, per word
-            f_max = a.view(bt, Lb, T * bv).amax(1).view(bt, T, bv)               # max over words, per frame
-            f_max = torch.where(pad, f_max.clamp_min(0), f_max)
-            t2v = torch.bmm(tw[:, None, :], w_max).squeeze(1)                     # Σ_i g_t[i] max_j a[i, j]
-            v2t = (f_max * vw).sum(1)                                             # Σ_j g_v[j] max_i a[i, j]
-            out[rows, j:j + bv] = (t2v + v2t) / 2
-    return out.cpu()
-
-# %% ../nbs/51_inference.ipynb #4cb313f9
-def gallery_similarity(model, text:dict, video:dict, block:int=256, device="cpu") -> torch.Tensor:
-    "Stage-1 similarity (N_text, N_video) of encoded texts and videos, in blocks; returned on the CPU."
-    return gallery_similarity_fast(model.sim, text, video, block_t=max(block // 4, 1), block_v=block, device=device)
-
 # %% ../nbs/51_inference.ipynb #c9f0b534
 @dataclass
 class Gallery:
@@ -116,7 +74,7 @@ def encode_gallery(model, records:list, frames, n_words:int, protocol:str="singl
         keep = np.array([int(v) in pos for v in text_video])
         texts = [t for t, k in zip(texts, keep) if k]
         tfeat = encode_texts(model, texts, n_words, batch_size, device, progress)
-        sim = gallery_similarity(model, tfeat, vfeat, block, device)
+        sim = model.gallery_similarity(tfeat, vfeat, block, device)
     finally:
         model.train(was_training)
     cols = np.array([pos[int(v)] for v in text_video[keep]])

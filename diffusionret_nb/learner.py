@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from .config import CheckpointError, ConfigError, atomic_torch_save
+from .core import CheckpointError, ConfigError, atomic_torch_save
 
 # %% auto #0
 __all__ = ['BertAdam', 'warmup_cosine', 'make_optimizer', 'EpochBatchSampler', 'CancelFitException', 'Callback', 'Learner',
-           'resolve_device', 'to_device', 'DeviceCB', 'resolve_precision', 'MixedPrecisionCB', 'GradClipCB',
-           'SchedulerCB', 'EMA', 'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
+           'to_device', 'DeviceCB', 'resolve_precision', 'MixedPrecisionCB', 'GradClipCB', 'SchedulerCB', 'EMA',
+           'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
 
 # %% ../nbs/40_learner.ipynb #07d13fe8
 class BertAdam(torch.optim.Optimizer):
@@ -143,14 +143,6 @@ class Learner:
         return self
 
 # %% ../nbs/40_learner.ipynb #659c0673
-def resolve_device(device:str="auto") -> torch.device:
-    "'auto' -> CUDA when available, else CPU; a clear error for an unavailable device."
-    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try: d = torch.device(device)
-    except RuntimeError: raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if d.type == "cuda" and not torch.cuda.is_available(): raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return d
-
 def to_device(batch, device):
     "Move every tensor of a (nested) batch to `device`."
     if torch.is_tensor(batch): return batch.to(device, non_blocking=True)

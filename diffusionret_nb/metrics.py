@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import DiffRetError
+from .core import DiffRetError
 
 # %% auto #0
 __all__ = ['KS', 'positive_ranks', 'metrics_from_ranks', 'retrieval_metrics', 'both_directions', 'multi_caption_sim_v2t',

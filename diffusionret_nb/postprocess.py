@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import ConfigError, DiffRetError
+from .core import ConfigError, DiffRetError
 
 # %% auto #0
 __all__ = ['MODES', 'dual_softmax', 'activation_set', 'inverted_softmax', 'qb_norm', 'postprocess_sims', 'query_bank',
@@ -74,9 +74,9 @@ def query_bank(records:list, size:int=0, seed:int=0) -> list:
 
 def bank_similarity(model, texts:list, video:dict, n_words:int, batch_size:int=64, block:int=256, device="cpu") -> torch.Tensor:
     "Stage-1 similarity (bank texts × gallery videos) of the bank captions `texts` against encoded `video` features."
-    from diffusionret_nb.inference import encode_texts, gallery_similarity
+    from diffusionret_nb.inference import encode_texts
     was = model.training; model.eval()
-    try: return gallery_similarity(model, encode_texts(model, texts, n_words, batch_size, device), video, block, device)
+    try: return model.gallery_similarity(encode_texts(model, texts, n_words, batch_size, device), video, block, device)
     finally: model.train(was)
 
 def postprocess_metrics(g, mode:str="none", bank_t2v=None, bank_v2t=None, beta:float=20.0, temp:float=100.0) -> dict:

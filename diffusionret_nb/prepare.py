@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmarks import CARDS
-from .config import (ConfigError, DataError, DiffRetError, RunConfig, atomic_write_json, build_config,
-                                    load_preset)
-from .datasets import (IMAGE_EXTS, FrameSource, VideoRecord, cache_folder, cache_key, cache_spec,
-                                      get_adapter, read_record, resolve_config)
+from .benchmarks import CARDS, get_adapter, resolve_config
+from .core import ConfigError, DataError, DiffRetError, atomic_output, atomic_write_json
+from .config import RunConfig, build_config, load_preset
+from .datasets import IMAGE_EXTS, FrameSource, VideoRecord, cache_folder, cache_key, cache_spec, read_record
 from .video import VideoReadError, read_frames
 
 # %% auto #0
@@ -121,15 +120,9 @@ def reencode(src, dst, fps:float=3.0, short_side:int=224, backend:str="auto") ->
     if not src.is_file(): raise VideoReadError(src, "file not found")
     exe = shutil.which("ffmpeg") if backend in ("auto", "ffmpeg") else None
     if backend == "ffmpeg" and not exe: raise ConfigError("backend 'ffmpeg' needs an ffmpeg executable on PATH")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.stem}.", suffix=".mp4"); os.close(fd)
-    try:
-        if exe: reencode_ffmpeg(src, tmp, fps, short_side, exe)
-        else: reencode_pyav(src, tmp, fps, short_side)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
+    with atomic_output(dst, suffix=".mp4") as tmp:
+        if exe: reencode_ffmpeg(src, str(tmp), fps, short_side, exe)
+        else: reencode_pyav(src, str(tmp), fps, short_side)
     return dst
 
 # %% ../nbs/06_prepare.ipynb #79950a89
@@ -179,11 +172,7 @@ def _done_shards(folder:Path) -> dict:
 def _write_shard(folder:Path, n:int, frames:list, entries:dict):
     "Write shard `n` (.npy, then its .json entries) atomically."
     name = folder / f"shard_{n:05d}.npy"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name.stem}.", suffix=".npy"); os.close(fd)
-    try: np.save(tmp, np.concatenate(frames)); os.replace(tmp, name)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
+    with atomic_output(name, suffix=".npy") as tmp: np.save(tmp, np.concatenate(frames))
     atomic_write_json(name.with_suffix(".json"), entries, indent=None)
 
 def write_cache_index(folder:Path, spec:dict) -> dict:

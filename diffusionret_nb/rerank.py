@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import DiffRetError
+from .core import DiffRetError
 from .metrics import chance_recall, multi_caption_metrics
 
 # %% auto #0
 __all__ = ['gallery_similarity_reference', 'check_rerank_inputs', 'rerank', 'rerank_metrics', 'stage_metrics', 'stage_rows']
 
 # %% ../nbs/52_rerank.ipynb #418aa00e
-from .inference import gallery_similarity_fast  # noqa: F401  (re-exported)
+from .encoders import gallery_similarity_fast  # noqa: F401  (re-exported)
 
 # %% ../nbs/52_rerank.ipynb #898f9c0d
 @torch.no_grad()

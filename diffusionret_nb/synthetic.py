@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import ConfigError, DataError, atomic_write_json
+from .core import ConfigError, DataError, atomic_write_json
 from .video import write_video
 
 # %% auto #0

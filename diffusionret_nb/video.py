@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,11 +15,12 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from .config import DataError
+from .core import DataError, atomic_output
 
 # %% auto #0
 __all__ = ['BACKENDS', 'CLIP_MEAN', 'CLIP_STD', 'SAMPLINGS', 'VideoReadError', 'write_video', 'VideoInfo', 'video_info',
-           'read_frames', 'reference_indices', 'segment_indices', 'resize_crop', 'normalize', 'load_frames']
+           'read_frames', 'reference_indices', 'segment_indices', 'resize_crop', 'normalize', 'load_frames',
+           'random_resized_crop_flip']
 
 # %% ../nbs/02_video.ipynb #85a08f2c
 class VideoReadError(DataError):
@@ -39,10 +38,9 @@ def write_video(path, frames:np.ndarray, fps:int=8, crf:int=18) -> Path:
         raise ValueError(f"frames must be uint8 (N,H,W,3), got {frames.dtype} {frames.shape}")
     n, h, w, _ = frames.shape
     if n == 0 or h % 2 or w % 2: raise ValueError(f"need >= 1 frame and even H, W; got {frames.shape}")
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4"); os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
+    path = Path(path)
+    with atomic_output(path, suffix=".mp4") as tmp:
+        with av.open(str(tmp), mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
             st = out.add_stream("libx264", rate=Fraction(fps))
             st.width, st.height, st.pix_fmt = w, h, "yuv420p"
             st.codec_context.thread_count = 1
@@ -50,10 +48,6 @@ def write_video(path, frames:np.ndarray, fps:int=8, crf:int=18) -> Path:
             for fr in frames:
                 for pkt in st.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")): out.mux(pkt)
             for pkt in st.encode(): out.mux(pkt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
     return path
 
 # %% ../nbs/02_video.ipynb #12aa591a
@@ -323,3 +317,35 @@ def load_frames(path, n_frames:int, image_size:int, sampling:str="reference", sa
         if idx.max() >= r.n_frames: frames = _read(r, _sample(r, *args))  # PyAV found fewer frames than promised
         return frames
     return _pad(resize_crop(_run(path, backend, load), image_size), n_frames)
+
+# %% ../nbs/02_video.ipynb #616ea4c0
+def _crop_box(H:int, W:int, rng:np.random.Generator, scale:tuple, ratio:tuple) -> tuple:
+    "torchvision's RandomResizedCrop box (top, left, height, width) for an H×W image, drawn from `rng`."
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area, ar = H * W * rng.uniform(*scale), math.exp(rng.uniform(*log_r))
+        w, h = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
+        if 0 < w <= W and 0 < h <= H: return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+    if W / H < ratio[0]: w, h = W, int(round(W / ratio[0]))      # fallback: centre crop, ratio clipped to `ratio`
+    elif W / H > ratio[1]: w, h = int(round(H * ratio[1])), H
+    else: w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+def random_resized_crop_flip(frames:np.ndarray,          # uint8 (T, H, W, 3): the frames of one clip
+                             rng:np.random.Generator,    # the only source of randomness
+                             scale:tuple=(0.5, 1.0),     # range of the box's area, as a fraction of the frame's
+                             ratio:tuple=(3 / 4, 4 / 3), # range of the box's aspect ratio w/h (drawn log-uniformly)
+                             flip_p:float=0.5,           # probability of a horizontal flip
+                            ) -> np.ndarray:
+    "One RandomResizedCrop box and one horizontal flip for all frames of a clip, resized back to uint8 (T, H, W, 3)."
+    _check_frames(frames)
+    if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1] and 0 <= flip_p <= 1):
+        raise ValueError(f"need 0 < scale[0] <= scale[1], 0 < ratio[0] <= ratio[1], 0 <= flip_p <= 1; got {scale}, {ratio}, {flip_p}")
+    H, W = frames.shape[1:3]
+    i, j, h, w = _crop_box(H, W, rng, scale, ratio)
+    flip = rng.random() < flip_p
+    x = frames[:, i:i + h, j:j + w]
+    if (h, w) != (H, W) and len(x):
+        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)                  # (T, 3, h, w)
+        x = TF.resize(x, [H, W], interpolation=TF.InterpolationMode.BILINEAR, antialias=True).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(x[:, :, ::-1] if flip else x)

@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, shared_data
 from diffusionret_nb.benchmarks import CARDS
 from diffusionret_nb.config import build_config
-from diffusionret_nb.datasets import ADAPTERS, eval_texts, load_records, resolve_config
+from diffusionret_nb.benchmarks import ADAPTERS, load_records, resolve_config
+from diffusionret_nb.datasets import eval_texts
 
 
 def recs(dataset, root, split, **kw):

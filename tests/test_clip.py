@@ -9,7 +9,8 @@ from open_clip.transformer import QuickGELU
 
 from diffusionret_nb.clip import (create_clip, openai_style_archive, read_weights, save_clip,
                                   text_attn_mask, tokenize)
-from diffusionret_nb.config import CheckpointError, ConfigError, load_preset
+from diffusionret_nb.core import CheckpointError, ConfigError
+from diffusionret_nb.config import load_preset
 
 CAPS = ["a dog is playing in the grass.", "a man cooks pasta in a small kitchen", '!"!']
 

@@ -4,10 +4,10 @@ reference checkpoint layout."""
 import pytest
 import torch
 
-from diffusionret_nb.config import CheckpointError
+from diffusionret_nb.core import CheckpointError
 from diffusionret_nb.denoiser import (OFFICIAL_PREFIX, QueryCandidateDenoiser, T2VDenoiser, V2TDenoiser, from_official,
                                       load_official, sinusoidal_embedding, to_official)
-from diffusionret_nb.stage2 import Stage2Generator
+from diffusionret_nb.generator import Stage2Generator
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

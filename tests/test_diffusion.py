@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionret_nb.config import ConfigError
+from diffusionret_nb.core import ConfigError
 from diffusionret_nb.diffusion import DDIMSampler, DDPMSampler, GaussianDiffusion, make_betas, spaced_timesteps
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test-only dependency: pip install --no-deps -r requirements-test.txt")

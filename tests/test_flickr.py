@@ -1,16 +1,19 @@
 """Smoke version of the optional Flickr8k benchmark: the 1000-image subset in ../shared/data loaded as
 one-frame videos through the image-folder adapter, the tiny model trained from scratch for a few steps
 through `pipeline.train_eval`, and multi-caption retrieval evaluated on the test images. (The full
-run, `benchmarks.run_flickr8k`, takes minutes; its numbers are in the README.)"""
+run, `diffret train --set flickr8k`, takes minutes; its numbers are in the README.)"""
 import json
 
 import pytest
 import torch
 
 from conftest import shared_data
-from diffusionret_nb.benchmarks import FLICKR8K_PARAMS, run_flickr8k
+from diffusionret_nb.config import load_paramset
+from diffusionret_nb.pipeline import train_eval
 from diffusionret_nb.config import build_config
-from diffusionret_nb.datasets import FrameSource, load_records, resolve_config
+from diffusionret_nb.benchmarks import load_records, resolve_config
+from diffusionret_nb.datasets import FrameSource
+FLICKR8K_PARAMS = load_paramset("flickr8k")
 
 
 @pytest.fixture
@@ -30,7 +33,8 @@ def test_images_are_one_frame_videos():
 
 
 def test_flickr8k_smoke(tmp_path, one_thread):
-    m = run_flickr8k(shared_data("flickr8k-mini"), tmp_path, progress=False, epochs=1, max_steps=3)
+    cfg = build_config(**{**FLICKR8K_PARAMS, "data_root": str(shared_data("flickr8k-mini")), "epochs": 1, "max_steps": 3})
+    m = train_eval(cfg, tmp_path, progress=False)
     assert (m["n_queries"], m["n_candidates"], m["n_skipped_videos"]) == (625, 125, 0)
     assert m["chance_R@1"] == pytest.approx(0.8) and m["train"]["steps"] == 3
     assert json.loads((tmp_path / "params.json").read_text())["data"]["dataset"] == "flickr8k"

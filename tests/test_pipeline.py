@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusionret_nb import pipeline
-from diffusionret_nb.cli import DEMO_PARAMS, demo, main
+from diffusionret_nb import pipeline, training
+from diffusionret_nb.cli import demo, main
+from diffusionret_nb.config import load_paramset
+DEMO_PARAMS = load_paramset("demo")
 from diffusionret_nb.config import build_config
 from diffusionret_nb.learner import Callback
 
@@ -69,17 +71,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     cfg = build_config(**params)
     straight = pipeline.train_eval(cfg, tmp_path / "straight", progress=False)
 
-    make = pipeline.make_learner
+    make = training.make_learner
     def make_interrupted(*a, **k):
         learn = make(*a, **k)
         cb = _Interrupt(); cb.learn = learn; learn.cbs.append(cb)
         return learn
-    monkeypatch.setattr(pipeline, "make_learner", make_interrupted)
+    monkeypatch.setattr(training, "make_learner", make_interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train_eval(cfg, tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(pipeline, "make_learner", make)
+    monkeypatch.setattr(training, "make_learner", make)
     resumed = pipeline.train_eval(cfg, tmp_path / "resumed", progress=False)
 
     assert resumed["t2v"] == straight["t2v"] and resumed["v2t"] == straight["v2t"]

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionret_nb.config import ConfigError, build_config
-from diffusionret_nb.datasets import FrameSource, VideoRecord, resolve_config
+from diffusionret_nb.core import ConfigError
+from diffusionret_nb.config import build_config
+from diffusionret_nb.benchmarks import resolve_config
+from diffusionret_nb.datasets import FrameSource, VideoRecord
 from diffusionret_nb.inference import encode_gallery
 from diffusionret_nb.metrics import multi_caption_metrics
-from diffusionret_nb.models import build_model
+from diffusionret_nb.registry import create_model as build_model
 from diffusionret_nb.postprocess import (apply_postprocess, dual_softmax, inverted_softmax,
                                          postprocess_sims, qb_norm, query_bank)
 from diffusionret_nb.video import write_video

@@ -13,9 +13,10 @@ import torch
 
 from conftest import shared_data
 from diffusionret_nb.config import build_config
-from diffusionret_nb.datasets import FrameSource, get_adapter, load_records, resolve_config
+from diffusionret_nb.benchmarks import get_adapter, load_records, resolve_config
+from diffusionret_nb.datasets import FrameSource
 from diffusionret_nb.inference import encode_gallery, gallery_metrics
-from diffusionret_nb.models import build_model
+from diffusionret_nb.registry import create_model as build_model
 from diffusionret_nb.prepare import (decode_throughput, prepare, prepare_main, reencoded_path, verify, verify_main,
                                      write_cache_index)
 from diffusionret_nb.video import VideoReadError, video_info

@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionret_nb import stage2
-from diffusionret_nb.config import ConfigError, DataError, build_config
-from diffusionret_nb.datasets import FrameSource, get_adapter, load_records, resolve_config
+from diffusionret_nb import pipeline, training
+from diffusionret_nb.core import ConfigError, DataError
+from diffusionret_nb.config import build_config
+from diffusionret_nb.benchmarks import get_adapter, load_records, resolve_config
+from diffusionret_nb.datasets import FrameSource
 from diffusionret_nb.inference import encode_gallery
 from diffusionret_nb.learner import Callback
-from diffusionret_nb.models import build_model
+from diffusionret_nb.registry import create_model, load_model
 from diffusionret_nb.rerank import rerank_metrics
-from diffusionret_nb.stage2 import (Stage2Generator, derive_num_neg, generation_loss, load_generator, make_target,
-                                    mine_candidates, stage_plan)
+from diffusionret_nb.generator import Stage2Generator, derive_num_neg, generation_loss, make_target, mine_candidates
+from diffusionret_nb.training import stage_plan
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +32,7 @@ def test_num_neg_follows_the_global_batch():
     with pytest.raises(ConfigError, match="global batch of 1"):
         derive_num_neg(127, 1)
     with pytest.raises(ConfigError, match="stage2_batch_size"):
-        stage2.check_stage2_config(build_config(stage2=True, stage2_batch_size=1))
+        training.check_stage2_config(build_config(stage2=True, stage2_batch_size=1))
 
 
 def test_mining_excludes_same_video_and_orders_hardest_first():
@@ -87,7 +89,7 @@ def test_generator_learns_a_toy_problem():
 def world():
     cfg = resolve_config(build_config(**BASE))
     torch.manual_seed(0)
-    s1 = build_model(cfg)
+    s1 = create_model(cfg)
     test = encode_gallery(s1, load_records(cfg, "test"), FrameSource.from_config(cfg), cfg.data.n_words,
                           get_adapter(cfg.data.dataset).protocol)
     return cfg, s1, test
@@ -101,35 +103,35 @@ class _Interrupt(Callback):
 
 def test_train_stage2_end_to_end_and_exact_resume(world, tmp_path, monkeypatch):
     cfg, s1, test = world
-    learn, gen = stage2.train_stage2(cfg, s1, tmp_path / "straight", progress=False)
+    learn, gen = pipeline.run_stage2(cfg, s1, tmp_path / "straight", "cpu", progress=False)
     folder = tmp_path / "straight" / "checkpoints" / "stage2"
     assert (folder / "last.pt").exists() and (folder / "best.pt").exists()
     assert learn.epoch == 2 and len(learn.evals) == 4                       # live + EMA after each epoch
     assert not any(p.requires_grad for p in s1.parameters())
-    loaded = load_generator(folder / "best.pt")
+    loaded = load_model(folder / "best.pt", stage=2)[0]
     assert all(torch.equal(loaded.state_dict()[k], gen.state_dict()[k]) for k in gen.state_dict())
     m = rerank_metrics(test, gen, cfg.diffusion)
     assert m["n_queries"] == 24 and set(m["t2v"]) >= {"R@1", "MnR"}
 
-    make = stage2.make_stage2_learner
+    make = training.make_learner
     def interrupted(*a, **k):
         learn = make(*a, **k); cb = _Interrupt(); cb.learn = learn; learn.cbs.append(cb)
         return learn
-    monkeypatch.setattr(stage2, "make_stage2_learner", interrupted)
+    monkeypatch.setattr(training, "make_learner", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        stage2.train_stage2(cfg, s1, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(stage2, "make_stage2_learner", make)
-    _, gen2 = stage2.train_stage2(cfg, s1, tmp_path / "resumed", progress=False)
+        pipeline.run_stage2(cfg, s1, tmp_path / "resumed", "cpu", progress=False)
+    monkeypatch.setattr(training, "make_learner", make)
+    _, gen2 = pipeline.run_stage2(cfg, s1, tmp_path / "resumed", "cpu", progress=False)
     assert all(torch.equal(gen2.state_dict()[k], gen.state_dict()[k]) for k in gen.state_dict())
 
     big = resolve_config(build_config(**{**BASE, "rerank_topk": 13}))             # the validation gallery has 12 videos
     with pytest.raises(ConfigError, match="rerank_topk=13 exceeds the validation gallery"):
-        stage2.train_stage2(big, s1, tmp_path / "big", progress=False)
+        pipeline.run_stage2(big, s1, tmp_path / "big", "cpu", progress=False)
     assert not (tmp_path / "big" / "checkpoints" / "stage2" / "last.pt").exists()
 
     other = resolve_config(build_config(**{**BASE, "stage2_lr": 1e-3}))
     with pytest.raises(ConfigError, match=r"other values of \['stage2_lr'\]"):
-        stage2.train_stage2(other, s1, tmp_path / "straight", progress=False)
+        pipeline.run_stage2(other, s1, tmp_path / "straight", "cpu", progress=False)
 
 
 ABLATIONS = [dict(gen_loss="mse"), dict(diff_sampler="ddpm"), dict(diff_schedule="linear"), dict(diff_steps=10, diff_eval_steps=10),
@@ -142,15 +144,15 @@ ABLATIONS = [dict(gen_loss="mse"), dict(diff_sampler="ddpm"), dict(diff_schedule
 def cached_bank(world):
     "Encode the training videos once for all ablation runs (encode_bank itself runs in the end-to-end test)."
     cfg, s1, _ = world
-    return stage2.encode_bank(s1, load_records(cfg, "train"), FrameSource.from_config(cfg), cfg.data.n_words)
+    return pipeline.encode_bank(s1, load_records(cfg, "train"), FrameSource.from_config(cfg), cfg.data.n_words)
 
 
 @pytest.mark.parametrize("switch", ABLATIONS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_each_ablation_switch_runs_and_is_recorded(world, cached_bank, switch, tmp_path, monkeypatch):
     _, s1, test = world
     cfg = resolve_config(build_config(**{**BASE, "val_split": "", "stage2_epochs": 1, "ema": 0.0, **switch}))
-    monkeypatch.setattr(stage2, "encode_bank", lambda *a, **k: cached_bank)
-    learn, gen = stage2.train_stage2(cfg, s1, tmp_path, progress=False)
+    monkeypatch.setattr(pipeline, "encode_bank", lambda *a, **k: cached_bank)
+    learn, gen = pipeline.run_stage2(cfg, s1, tmp_path, "cpu", progress=False)
     assert learn.epoch == 1 and all(math.isfinite(h["loss"]) for h in learn.history)
     params = torch.load(tmp_path / "checkpoints" / "stage2" / "last.pt", weights_only=False)["params"]
     assert all(params["diffusion"][k] == v for k, v in switch.items())
@@ -163,4 +165,19 @@ def test_stage_plan_and_early_checks():
     assert stage_plan(build_config(stage2=True, train_strategy="discrimination")) == (True, False)
     assert stage_plan(build_config(stage2=True, train_strategy="generation")) == (False, True)
     with pytest.raises(ConfigError, match="diff_eval_steps=50 exceeds diff_steps=10"):
-        stage2.check_stage2_config(build_config(stage2=True, diff_steps=10))
+        training.check_stage2_config(build_config(stage2=True, diff_steps=10))
+
+
+@pytest.mark.parametrize("arch", ["clip4clip_meanp", "clip4clip_seqtransf", "xpool"])
+def test_any_arch_can_be_the_stage_1_of_a_generator(world, arch, tmp_path):
+    "The generator only reads the contract's features (EOT, frames) and similarity, so a baseline can be its stage 1."
+    cfg = resolve_config(build_config(**{**BASE, "arch": arch, "val_split": "", "stage2_epochs": 1, "ema": 0.0}))
+    torch.manual_seed(0)
+    s1 = create_model(cfg)
+    learn, gen = pipeline.run_stage2(cfg, s1, tmp_path, "cpu", progress=False)
+    assert learn.epoch == 1 and all(math.isfinite(h["loss"]) for h in learn.history)
+    ck = torch.load(tmp_path / "checkpoints" / "stage2" / "last.pt", weights_only=False)
+    assert ck["stage"] == "stage2" and ck["arch"] == arch
+    test = encode_gallery(s1, load_records(cfg, "test"), FrameSource.from_config(cfg), cfg.data.n_words, "single")
+    m = rerank_metrics(test, gen, cfg.diffusion)
+    assert m["n_queries"] == 24 and 0 <= m["t2v"]["R@1"] <= 100

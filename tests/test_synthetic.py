@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from diffusionret_nb.config import ConfigError, DataError
+from diffusionret_nb.core import ConfigError, DataError
 from diffusionret_nb.synthetic import (
     ARTICLES, COLOURS, FPS, N_VIDEO_FRAMES, SHAPES, SYNTHETIC_VERSION, TEMPLATES, EVENTS,
     load_annotations, plan_world, render_world, synthetic_root, twin_key, verb_phrases)

@@ -175,7 +175,7 @@ def test_broken_files_raise_naming_the_file(tmp_path, grey, backend):
 
 
 def test_video_read_error_is_a_data_error():
-    from diffusionret_nb.config import DataError
+    from diffusionret_nb.core import DataError
     assert issubclass(VideoReadError, DataError)
 
 
