@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import pickle
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +22,14 @@ from .datasets import Adapter, VideoRecord, adapter
 from .synthetic import load_annotations, render_world
 
 # %% auto #0
-__all__ = ['SPLIT_BASE', 'CARDS', 'MSRVTT_LISTS', 'LSMDC_FILES', 'ANET_FILES', 'CHARADES_FILES', 'FLICKR8K_FILES',
-           'FRAMES_FOLDER_FILES', 'ADAPTERS', 'twin_accuracy', 'synthetic_records', 'data_root', 'ann_file',
-           'read_json', 'read_lines', 'read_csv', 'check_split', 'video_index', 'video_finder', 'make_records', 'Card',
-           'add_card', 'msrvtt_records', 'msvd_records', 'lsmdc_records', 'paragraph', 'activitynet_records',
-           'didemo_records', 'vatex_records', 'charades_records', 'frames_folder_records', 'frames_folder_adapter',
-           'flickr8k_records', 'register_adapter', 'get_adapter', 'resolve_config', 'load_records']
+__all__ = ['KIND_NAMES', 'SPLIT_BASE', 'CARDS', 'MSRVTT_LISTS', 'MSRVTT_LAYOUT', 'SAFE_PICKLE_NAMES', 'MSVD_HINT', 'LSMDC_FILES',
+           'ANET_FILES', 'ANET_FIELDS', 'CHARADES_FILES', 'FLICKR8K_FILES', 'FRAMES_FOLDER_FILES', 'ADAPTERS',
+           'twin_accuracy', 'synthetic_records', 'data_root', 'ann_file', 'read_text', 'read_json', 'read_lines',
+           'json_kind', 'check_value', 'check_fields', 'read_csv', 'check_split', 'video_index', 'video_finder',
+           'make_records', 'Card', 'add_card', 'msrvtt_records', 'restricted_load', 'msvd_records', 'lsmdc_records',
+           'paragraph', 'activitynet_records', 'didemo_records', 'vatex_records', 'charades_records',
+           'frames_folder_records', 'frames_folder_adapter', 'flickr8k_records', 'register_adapter', 'get_adapter',
+           'resolve_config', 'load_records']
 
 # %% ../nbs/05_benchmarks.ipynb #54924b1f
 def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
@@ -58,10 +62,11 @@ def synthetic_records(cfg:RunConfig, split:str) -> list:
     s = cfg.synthetic
     domain = (s.syn_test_domain or s.syn_domain) if split == cfg.data.test_split else s.syn_domain
     root = _synthetic_root(cfg, domain)
-    ann = load_annotations(root)
+    ann, fields = load_annotations(root), {"video_id": "integer", "video": "string", "captions": "strings", "split": "string"}
+    clips = [check_fields(c, fields, root / "annotations.json", f"clips[{i}]") for i, c in enumerate(ann["clips"])]
     return [VideoRecord(int(c["video_id"]), str(root / c["video"]), list(c["captions"]), c["split"],
                         meta={"twin_id": c.get("twin_id")})
-            for c in ann["clips"] if c["split"] == split]
+            for c in clips if c["split"] == split]
 
 # %% ../nbs/05_benchmarks.ipynb #e3b44459
 def data_root(cfg:RunConfig) -> Path:
@@ -79,22 +84,95 @@ def ann_file(root:Path, name:str, dataset:str) -> Path:
     if not p.is_file(): raise DataError(f"{dataset}: annotation file not found: {p} (see data_cards/{dataset}.md)")
     return p
 
-def read_json(path:Path):
-    "Parsed JSON of `path`; a `DataError` naming it when malformed."
-    try: return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise DataError(f"{path} is not valid JSON: {e}") from None
+def read_text(path:Path) -> str:
+    "The text of a UTF-8 file (with or without a byte-order mark); a `DataError` naming it otherwise."
+    try: return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e: raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+def read_json(path:Path, kind:str="", layout:str=""):
+    "Parsed JSON of `path`, checked to be of `kind` (see `check_value`) when given; a `DataError` naming it otherwise."
+    try: data = json.loads(read_text(path))
+    except json.JSONDecodeError as e: raise DataError(f"{path} is not valid JSON: {e}") from None
+    return check_value(data, kind, path, "the file", layout) if kind else data
 
 def read_lines(path:Path) -> list:
     "Non-empty stripped lines of a text file."
-    return [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [l.strip() for l in read_text(path).splitlines() if l.strip()]
 
-def read_csv(path:Path, columns:tuple, delimiter:str=",") -> list:
-    "Rows of a CSV file with a header as dicts; a `DataError` when a needed column is missing."
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter=delimiter))
-        header = rows[0].keys() if rows else []
-    missing = [c for c in columns if c not in header]
-    if missing: raise DataError(f"{path}: missing column(s) {missing}; expected a header with {list(columns)}")
+# %% ../nbs/05_benchmarks.ipynb #28f4e9f2
+KIND_NAMES = {"object": "an object", "list": "a list", "string": "a string", "number": "a number",
+              "integer": "an integer", "strings": "a list of strings"}
+
+def json_kind(x) -> str:
+    "How a parsed value is named in a message ('an object', 'a list', 'a string', 'a number', ...)."
+    if isinstance(x, dict): return "an object"
+    if isinstance(x, (list, tuple)): return "a list"
+    if isinstance(x, str): return "a string"
+    if isinstance(x, bool): return "a boolean"
+    if isinstance(x, (int, float)): return "a number"
+    return "null" if x is None else type(x).__name__
+
+def _preview(x, n:int=40) -> str:
+    try: s = json.dumps(x, ensure_ascii=False)
+    except (TypeError, ValueError): s = repr(x)
+    s = repr(x) if isinstance(x, str) else s
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+def _is(x, kind:str) -> bool:
+    if kind == "object": return isinstance(x, dict)
+    if kind in ("list", "strings"): return isinstance(x, list)
+    if kind == "string": return isinstance(x, str)
+    if kind == "number": return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if kind == "integer": return isinstance(x, int) and not isinstance(x, bool)
+    raise ValueError(f"unknown kind {kind!r}; known: {', '.join(KIND_NAMES)}")
+
+def check_value(x, kind:str, file, where:str, layout:str=""):
+    "`x` when it is of `kind` ('a|b' for either); else a `DataError` naming `file`, `where`, what is there and what was expected."
+    kinds = kind.split("|")
+    if not any(_is(x, k) for k in kinds):
+        hint = f"; expected {layout}" if layout else ""
+        raise DataError(f"{file}: {where} should be {' or '.join(KIND_NAMES[k] for k in kinds)}, "
+                        f"got {json_kind(x)} ({_preview(x)}){hint}")
+    if "strings" in kinds and isinstance(x, list):
+        for i, s in enumerate(x):
+            if not isinstance(s, str): check_value(s, "string", file, f"{where}[{i}]")
+    return x
+
+def check_fields(rec, fields:dict, file, where:str) -> dict:
+    "`rec` when it is an object holding every field of `fields` ({name: kind}) with a value of that kind; else a `DataError`."
+    expected = ", ".join(fields)
+    if not isinstance(rec, dict):
+        raise DataError(f"{file}: {where} should be an object with fields {expected}, got {json_kind(rec)} ({_preview(rec)})")
+    for k, kind in fields.items():
+        if k not in rec:
+            raise DataError(f"{file}: {where} has no field {k!r} (fields: {', '.join(map(str, rec)) or 'none'}); expected {expected}")
+        check_value(rec[k], kind, file, f"{where}.{k}")
+    return rec
+
+def read_csv(path:Path, columns:tuple, delimiter:str=",", keys:tuple=()) -> list:
+    "Rows of a CSV file with a header, as dicts; a `DataError` on a missing column, a row of the wrong length or an empty key."
+    rd = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    try:
+        header = [h.strip() for h in next(rd, [])]
+        want = f"a header line naming the columns, with {', '.join(columns)}"
+        if not header: raise DataError(f"{path} is empty; expected {want}")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(missing)} in its header line ({delimiter.join(header)}); expected {want}"
+                            " (the first line must be the header)")
+        rows = []
+        for row in rd:
+            if not row or (len(row) == 1 and not row[0].strip()): continue
+            if len(row) != len(header):
+                raise DataError(f"{path}, line {rd.line_num}: {len(row)} fields, the header has {len(header)} "
+                                f"({delimiter.join(header)}); a field holding {delimiter!r} must be quoted")
+            r = dict(zip(header, row))
+            empty = [k for k in keys if not r[k].strip()]
+            if empty: raise DataError(f"{path}, line {rd.line_num}: empty {empty[0]}")
+            rows.append(r)
+    except csv.Error as e: raise DataError(f"{path}, line {rd.line_num}: not valid CSV: {e}") from None
     return rows
 
 # %% ../nbs/05_benchmarks.ipynb #17ade267
@@ -142,6 +220,7 @@ class Card:
     name: str
     files: dict                    # split -> annotation files relative to data_root ('{train_list}' filled in)
     counts: dict                   # variant name -> {split: number of videos}
+    captions: dict = dataclasses.field(default_factory=dict)  # variant name -> {split: number of captions}, where known
     max_missing: int = 0           # missing or unreadable videos tolerated per split
     media: str = "videos"          # media folder under data_root
     note: str = ""                 # the one-line known problem verify prints
@@ -169,11 +248,24 @@ def _msrvtt_id(key:str) -> int:
     if not (key.startswith("video") and key[5:].isdigit()): raise DataError(f"MSRVTT video ids look like 'video1234', got {key!r}")
     return int(key[5:])
 
+def _msrvtt_ids(path:Path, rows:list) -> list:
+    "The `video_id` column of a MSRVTT csv, each checked to look like 'video1234'."
+    for i, r in enumerate(rows, 1):
+        try: _msrvtt_id(r["video_id"])
+        except DataError as e: raise DataError(f"{path}, row {i}: {e}") from None
+    return [r["video_id"] for r in rows]
+
+MSRVTT_LAYOUT = '{"videos": [...], "sentences": [{"video_id": "video0", "caption": "...", "sen_id": 0}, ...]}'
+
 def _msrvtt_captions(path:Path) -> dict:
     "video_id -> its captions, from `MSRVTT_data.json`'s `sentences` list."
+    d = read_json(path, "object", MSRVTT_LAYOUT)
+    sents = check_fields(d, {"sentences": "list"}, path, "the file")["sentences"]
     caps = {}
-    for s in read_json(path).get("sentences", []): caps.setdefault(s["video_id"], []).append(s["caption"])
-    if not caps: raise DataError(f"{path}: no 'sentences' with 'video_id' and 'caption' found")
+    for i, s in enumerate(sents):
+        check_fields(s, {"video_id": "string", "caption": "string"}, path, f"sentences[{i}]")
+        caps.setdefault(s["video_id"], []).append(s["caption"])
+    if not caps: raise DataError(f"{path}: the 'sentences' list is empty; expected {MSRVTT_LAYOUT}")
     return caps
 
 @adapter("msrvtt", protocol="single", n_words=32, n_frames=12, splits=("train", "test"))
@@ -182,9 +274,11 @@ def msrvtt_records(cfg:RunConfig, split:str) -> list:
     root = data_root(cfg); check_split("msrvtt", split, ("train", "test"))
     find = video_finder(root / "videos", ".mp4")
     if split == "test":
-        rows = read_csv(ann_file(root, "MSRVTT_JSFUSION_test.csv", "msrvtt"), ("video_id", "sentence"))
-        return make_records([(r["video_id"], [r["sentence"]]) for r in rows], split, find, _msrvtt_id)
-    ids = [r["video_id"] for r in read_csv(ann_file(root, _train_list(cfg, MSRVTT_LISTS), "msrvtt"), ("video_id",))]
+        path = ann_file(root, "MSRVTT_JSFUSION_test.csv", "msrvtt")
+        rows = read_csv(path, ("video_id", "sentence"), keys=("video_id",))
+        return make_records(list(zip(_msrvtt_ids(path, rows), [[r["sentence"]] for r in rows])), split, find, _msrvtt_id)
+    path = ann_file(root, _train_list(cfg, MSRVTT_LISTS), "msrvtt")
+    ids = _msrvtt_ids(path, read_csv(path, ("video_id",), keys=("video_id",)))
     caps = _msrvtt_captions(ann_file(root, "MSRVTT_data.json", "msrvtt"))
     lost = [v for v in ids if v not in caps]
     if lost: raise DataError(f"MSRVTT_data.json has no captions for {len(lost)} videos of the training list, e.g. {lost[:3]}")
@@ -196,13 +290,44 @@ add_card(Card("msrvtt", files={"train": ["MSRVTT_train.{train_list}.csv", "MSRVT
               note="no validation split: train with val_split=''"))
 
 # %% ../nbs/05_benchmarks.ipynb #db39a4d4
+SAFE_PICKLE_NAMES = {(m, n) for m in ("builtins", "__builtin__") for n in ("dict", "list", "str", "tuple")}
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    "An unpickler that resolves only the names in `SAFE_PICKLE_NAMES`; any other global is a `DataError`."
+    path = ""
+    def find_class(self, module, name):
+        if (module, name) in SAFE_PICKLE_NAMES: return super().find_class(module, name)
+        raise DataError(f"{self.path}: refused to load {module}.{name}: this pickle may only hold dicts, lists, tuples and "
+                        "strings (a pickle naming anything else can run code when loaded; is this the published file?)")
+    def persistent_load(self, pid): raise DataError(f"{self.path}: refused a persistent id in the pickle")
+
+def restricted_load(path:Path):
+    "The contents of a pickle of plain data (dict, list, tuple, str, numbers) without running anything it names."
+    try:
+        with open(path, "rb") as f:
+            u = _RestrictedUnpickler(f); u.path = str(path)
+            return u.load()
+    except DataError: raise
+    except OSError as e: raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e: raise DataError(f"{path} is not a readable pickle: {type(e).__name__}: {e}") from None
+
+MSVD_HINT = "each video id maps to a list of captions"
+
 def _msvd_captions(root:Path) -> dict:
-    "video_id -> captions from `captions_msvd.json`, else from CLIP4Clip's `raw-captions.pkl`."
+    "video_id -> captions from `captions_msvd.json`, else from CLIP4Clip's `raw-captions.pkl` (tokens joined by spaces)."
     js, pkl = root / "captions_msvd.json", root / "raw-captions.pkl"
-    if js.is_file(): return read_json(js)
+    if js.is_file():
+        caps = read_json(js, "object", '{"video_id": ["caption", ...], ...}')
+        for k, v in caps.items(): check_value(v, "strings", js, f"video {k!r}", MSVD_HINT)
+        return caps
     if not pkl.is_file(): raise DataError(f"msvd: annotation file not found: {js} (or {pkl.name}; see data_cards/msvd.md)")
-    with open(pkl, "rb") as f: raw = pickle.load(f)
-    return {k: [" ".join(t) if isinstance(t, list) else str(t) for t in v] for k, v in raw.items()}
+    raw = check_value(restricted_load(pkl), "object", pkl, "the pickle", "{video_id: [[tokens], ...]}")
+    out = {}
+    for k, v in raw.items():
+        check_value(v, "list", pkl, f"video {k!r}", MSVD_HINT + " (each a list of tokens)")
+        out[k] = [t if isinstance(t, str) else " ".join(check_value(list(t) if isinstance(t, tuple) else t, "strings", pkl, f"video {k!r}[{i}]"))
+                  for i, t in enumerate(v)]
+    return out
 
 def _listed(dataset:str, caps:dict, ids:list, what:str) -> list:
     "(id, captions) of the listed ids; a `DataError` when the caption file lacks some."
@@ -219,7 +344,8 @@ def msvd_records(cfg:RunConfig, split:str) -> list:
     return make_records(_listed("msvd", caps, ids, "the caption file"), split, video_finder(root / "videos", ".avi"))
 
 add_card(Card("msvd", files={s: ["captions_msvd.json", f"{s}_list.txt"] for s in ("train", "val", "test")},
-              counts={"official": {"train": 1200, "val": 100, "test": 670}}))
+              counts={"official": {"train": 1200, "val": 100, "test": 670}},
+              captions={"official": {"train": 48774, "val": 4290, "test": 27763}}))
 
 # %% ../nbs/05_benchmarks.ipynb #097d7cfa
 LSMDC_FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
@@ -228,10 +354,11 @@ LSMDC_FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.
 def _lsmdc_rows(path:Path) -> list:
     "(clip_id, sentence) of each line of an LSMDC file (6 tab-separated fields)."
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip(): continue
         f = line.rstrip("\n").split("\t")
         if len(f) != 6: raise DataError(f"{path}, line {i}: expected 6 tab-separated fields (clip_id, 4 times, sentence), got {len(f)}")
+        if not f[0].strip(): raise DataError(f"{path}, line {i}: empty clip_id")
         out.append((f[0].strip(), [f[5].strip()]))
     return out
 
@@ -253,12 +380,19 @@ def paragraph(sentences:list) -> str:
     "Sentences stripped and joined with single spaces."
     return " ".join(s.strip() for s in sentences if s.strip())
 
+ANET_FIELDS = {"duration": "number", "timestamps": "list", "sentences": "strings"}
+
 def _anet_items(path:Path) -> list:
-    "(video key, [paragraph]) of an ActivityNet Captions json."
+    "(video key, [paragraph]) of an ActivityNet Captions json, every entry checked."
     items = []
-    for k, v in read_json(path).items():
-        if not isinstance(v, dict) or not isinstance(v.get("sentences"), list):
-            raise DataError(f"{path}: entry {k!r} has no 'sentences' list (expected {{v_id: {{duration, timestamps, sentences}}}})")
+    for k, v in read_json(path, "object", "{v_id: {duration, timestamps, sentences}}").items():
+        check_fields(v, ANET_FIELDS, path, f"video {k!r}")
+        for i, t in enumerate(v["timestamps"]):
+            if not (isinstance(t, list) and len(t) == 2 and all(_is(x, "number") for x in t)):
+                raise DataError(f"{path}: video {k!r}.timestamps[{i}] should be [start, end] in seconds, got {_preview(t)}")
+        if len(v["timestamps"]) != len(v["sentences"]):
+            raise DataError(f"{path}: video {k!r} has {len(v['sentences'])} sentences but {len(v['timestamps'])} timestamps; "
+                            "expected one [start, end] per sentence")
         items.append((k, [paragraph(v["sentences"])]))
     return items
 
@@ -277,8 +411,9 @@ add_card(Card("activitynet", files={s: [f] for s, f in ANET_FILES.items()},
 def _didemo_items(path:Path) -> tuple:
     "(video stem, [paragraph]) in order of first appearance, and the first annotated name of each."
     groups, names = {}, {}
-    for a in read_json(path):
-        if "video" not in a or "description" not in a: raise DataError(f"{path}: every entry needs 'video' and 'description'")
+    for i, a in enumerate(read_json(path, "list", "[{video, description, times, ...}, ...]")):
+        check_fields(a, {"video": "string", "description": "string", "times": "list"}, path, f"[{i}]")
+        if not a["video"].strip(): raise DataError(f"{path}: [{i}].video is empty")
         stem = a["video"].rsplit(".", 1)[0] if "." in a["video"] else a["video"]
         groups.setdefault(stem, []).append(a["description"]); names.setdefault(stem, a["video"])
     return [(k, [paragraph(v)]) for k, v in groups.items()], names
@@ -298,11 +433,15 @@ add_card(Card("didemo", files={s: [f"{s}_data.json"] for s in ("train", "val", "
 # %% ../nbs/05_benchmarks.ipynb #54a6874f
 def _vatex_captions(path:Path) -> dict:
     "video id -> English captions, from either layout of `vatex_data.json`."
-    d = read_json(path)
-    if isinstance(d, list): d = {x.get("videoID"): x for x in d}
-    bad = [k for k, v in d.items() if not isinstance(v, dict) or "enCap" not in v]
-    if bad: raise DataError(f"{path}: entries without 'enCap', e.g. {bad[:3]}")
-    return {k: v["enCap"] for k, v in d.items()}
+    d = read_json(path, "object|list", "{id: {enCap: [...], ...}} or [{videoID, enCap, chCap}, ...]")
+    if isinstance(d, dict):
+        return {k: check_fields(v, {"enCap": "strings"}, path, f"video {k!r}")["enCap"] for k, v in d.items()}
+    out, where = {}, {}
+    for i, x in enumerate(d):
+        k = check_fields(x, {"videoID": "string", "enCap": "strings"}, path, f"[{i}]")["videoID"]
+        if k in out: raise DataError(f"{path}: videoID {k!r} appears more than once ([{where[k]}] and [{i}])")
+        out[k], where[k] = x["enCap"], i
+    return out
 
 @adapter("vatex", protocol="multi", n_words=32, n_frames=12, splits=("train", "val", "test"))
 def vatex_records(cfg:RunConfig, split:str) -> list:
@@ -313,7 +452,8 @@ def vatex_records(cfg:RunConfig, split:str) -> list:
     return make_records(_listed("vatex", caps, ids, "vatex_data.json"), split, video_finder(root / "videos", ".mp4"))
 
 add_card(Card("vatex", files={s: ["vatex_data.json", f"{s}_list.txt"] for s in ("train", "val", "test")},
-              counts={"HGR split": {"train": 25991, "val": 1500, "test": 1500}}, max_missing=0,
+              counts={"HGR split": {"train": 25991, "val": 1500, "test": 1500}},
+              captions={"HGR split": {"train": 259910, "val": 15000, "test": 15000}}, max_missing=0,
               note="YouTube videos disappear over time: count what verify reports as missing before comparing numbers"))
 
 # %% ../nbs/05_benchmarks.ipynb #5c86b8a4
@@ -321,7 +461,7 @@ CHARADES_FILES = {"train": "Charades_v1_train.csv", "test": "Charades_v1_test.cs
 
 def _charades_items(path:Path) -> list:
     "(id, [script, *descriptions]) of each row of a Charades csv."
-    rows = read_csv(path, ("id", "script", "descriptions"))
+    rows = read_csv(path, ("id", "script", "descriptions"), keys=("id",))
     return [(r["id"], [r["script"].strip()] + [d.strip() for d in r["descriptions"].split(";") if d.strip()]) for r in rows]
 
 @adapter("charades", protocol="single", n_words=32, n_frames=12, splits=("train", "test"))
@@ -333,6 +473,7 @@ def charades_records(cfg:RunConfig, split:str) -> list:
 
 add_card(Card("charades", files={s: [f] for s, f in CHARADES_FILES.items()},
               counts={"official v1": {"train": 7985, "test": 1863}},
+              captions={"official v1": {"train": 19578, "test": 6400}},      # the script and the descriptions
               note="no validation split: train with val_split=''"))
 
 # %% ../nbs/05_benchmarks.ipynb #3d54aae3
@@ -342,7 +483,7 @@ FRAMES_FOLDER_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt
 def frames_folder_records(root:Path, split:str, captions_file:str, split_file:str, dataset:str, image_dir:str="images") -> list:
     "Records of the images listed in `split_file` that have captions in `captions_file` (`image,caption`)."
     caps = {}
-    for r in read_csv(ann_file(root, captions_file, dataset), ("image", "caption")):
+    for r in read_csv(ann_file(root, captions_file, dataset), ("image", "caption"), keys=("image",)):
         caps.setdefault(r["image"].strip(), []).append(r["caption"].strip())
     names = read_lines(ann_file(root, split_file, dataset))
     return make_records([(n, caps[n]) for n in names if n in caps], split, lambda n: str(Path(root) / image_dir / n))
@@ -361,7 +502,9 @@ def flickr8k_records(cfg:RunConfig, split:str) -> list:
 
 add_card(Card("flickr8k", files={s: ["captions.txt", f] for s, f in FLICKR8K_FILES.items()}, media="images",
               counts={"Flickr8k": {"train": 6000, "val": 1000, "test": 1000},
-                      "flickr8k-mini (first 1000 images)": {"train": 753, "val": 113, "test": 125}}))
+                      "flickr8k-mini (first 1000 images)": {"train": 753, "val": 113, "test": 125}},
+              captions={"Flickr8k": {"train": 30000, "val": 5000, "test": 5000},
+                        "flickr8k-mini (first 1000 images)": {"train": 3765, "val": 565, "test": 625}}))
 add_card(Card("frames_folder", files={s: ["captions.csv", f] for s, f in FRAMES_FOLDER_FILES.items()}, counts={}, media="images"))
 
 # %% ../nbs/05_benchmarks.ipynb #a9271a4c

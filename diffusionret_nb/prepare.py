@@ -29,9 +29,9 @@ from .video import VideoReadError, read_frames
 
 # %% auto #0
 __all__ = ['pmap', 'scaled_size', 'resample_times', 'reencode_pyav', 'reencode_ffmpeg', 'reencode', 'reencoded_path',
-           'reencode_all', 'write_cache_index', 'build_frame_cache', 'run_config', 'prepare', 'decode_throughput',
-           'VerifyReport', 'check_readable', 'verify', 'summary_text', 'prepare_parser', 'prepare_main',
-           'verify_parser', 'verify_main']
+           'reencode_all', 'write_cache_index', 'build_frame_cache', 'run_config', 'prepare', 'video_failures',
+           'decode_throughput', 'VerifyReport', 'check_readable', 'verify', 'summary_text', 'prepare_parser',
+           'prepare_main', 'verify_parser', 'verify_main']
 
 # %% ../nbs/06_prepare.ipynb #52510d40
 def _one_thread():
@@ -232,7 +232,7 @@ def prepare(dataset:str, root, params:dict=None, splits=None, reencode_videos:bo
     root, recs = Path(root).expanduser(), _all_records(cfg, splits)
     out = Path(out or root / "reencoded")
     videos = [r.path for r in recs if Path(r.path).suffix.lower() not in IMAGE_EXTS]
-    summary = dict(dataset=dataset, root=str(root), records=len(recs))
+    summary = dict(dataset=dataset, root=str(root), records=len(recs), videos=len({r.path for r in recs}))
     if reencode_videos and videos:
         _writable(out, "re-encoded videos (choose another folder with --out)")
         summary["reencode"] = reencode_all(videos, root, out, fps, short_side, workers, progress)
@@ -244,7 +244,17 @@ def prepare(dataset:str, root, params:dict=None, splits=None, reencode_videos:bo
         size = int(load_preset(cfg.model.preset)["arch"]["vision_cfg"]["image_size"])
         spec = cache_spec(cfg.data.n_frames, size, cfg.data.frame_sampling, cfg.data.sample_fps)
         summary["cache"] = dict(folder=str(folder), **build_frame_cache(recs, folder, spec, root, source_of, workers, shard_frames, progress))
+    summary["missing"], summary["unreadable"] = video_failures(summary, recs, root)
     return summary
+
+def video_failures(summary:dict, recs:list, root) -> tuple:
+    "(missing video paths, {unreadable video path: first reason}) over both steps of `summary`, each video once."
+    missing = sorted({r.path for r in recs if not Path(r.path).is_file()})
+    path_of = {cache_key(r, root): r.path for r in recs}
+    bad = {}
+    for p, why in summary.get("reencode", {}).get("failed", {}).items(): bad.setdefault(p, why)
+    for k, why in summary.get("cache", {}).get("failed", {}).items(): bad.setdefault(path_of.get(k, k), why)
+    return missing, {p: bad[p] for p in sorted(bad) if p not in missing}
 
 # %% ../nbs/06_prepare.ipynb #a801eac3
 def _frames_per_second(src:FrameSource, records:list, repeats:int=2) -> tuple:
@@ -324,13 +334,30 @@ def _check_files(rep:VerifyReport, cfg:RunConfig, card, root:Path, splits:list):
             p = root / f.format(train_list=cfg.data.train_list or "9k")
             rep.add("ok" if p.is_file() else "error", f"{s}: annotation file {'found' if p.is_file() else 'MISSING'}: {p}")
 
-def _check_counts(rep:VerifyReport, card, splits:list):
-    have = {s: rep.counts[s][0] for s in splits if s in rep.counts}
-    if not card or not card.counts or not have: return
-    match = [v for v, c in card.counts.items() if all(c.get(s) == n for s, n in have.items())]
-    if match: rep.add("ok", f"video counts {have} match the card ({match[0]})"); return
-    first, ref = next(iter(card.counts.items()))
-    rep.add("error", f"video counts {have} match no variant of the card; expected e.g. {ref} ({first})")
+def _closest_variant(card, have:dict) -> str:
+    "The card variant whose counts are nearest to `have` ({split: (videos, captions)}): fewest videos off, then captions."
+    def off(v):
+        c, k = card.counts[v], card.captions.get(v, {})
+        return (sum(abs(c[s] - n[0]) for s, n in have.items() if s in c), sum(abs(k[s] - n[1]) for s, n in have.items() if s in k))
+    return min(card.counts, key=off)
+
+def _check_counts(rep:VerifyReport, card, splits:list, subset:bool=False):
+    "One line per split and count that differs from the card's closest variant (an error unless a declared subset is smaller)."
+    have = {s: rep.counts[s] for s in splits if s in rep.counts}
+    if not have: return
+    if not card or not card.counts: rep.add("info", f"the data card of {rep.dataset} states no counts; found {have}"); return
+    v = _closest_variant(card, have)
+    src, diffs, checked = f"data card {card.name}, {v}", [], {}
+    for s, found in have.items():
+        for what, n, exp in (("videos", found[0], card.counts[v].get(s)), ("captions", found[1], card.captions.get(v, {}).get(s))):
+            if exp is None: continue
+            checked.setdefault(s, []).append(f"{n:,} {what}")
+            if n == exp: continue
+            if subset and n < exp: rep.add("info", f"{s}: {n:,} of {exp:,} {what} ({src}): declared subset")
+            else: diffs.append(f"{s}: {exp:,} {what} expected ({src}), found {n:,}" + (" (more than the card: not a subset)" if subset else ""))
+    for d in diffs: rep.add("error", d)
+    if diffs and not subset: rep.add("info", "a folder that holds only part of the dataset on purpose: declare it with --subset (verify(..., subset=True))")
+    if not diffs and checked: rep.add("ok", f"counts match the data card {card.name} ({v}): " + "; ".join(f"{s} {' / '.join(c)}" for s, c in checked.items()))
 
 # %% ../nbs/06_prepare.ipynb #ca2c8069
 def _check_videos(rep:VerifyReport, split:str, recs:list, card, check_decode:bool, workers:int, progress:bool):
@@ -345,8 +372,9 @@ def _check_videos(rep:VerifyReport, split:str, recs:list, card, check_decode:boo
             what + (f"; {len(rep.missing[split])} missing, {len(rep.unreadable[split])} unreadable" if bad else "")
             + (f" (the card tolerates {limit})" if bad and limit else ""))
 
-def verify(dataset:str, root, params:dict=None, splits=None, check_decode:bool=True, workers:int=2, progress:bool=True) -> VerifyReport:
-    "Check a data folder against its data card; every problem becomes a line of the returned report."
+def verify(dataset:str, root, params:dict=None, splits=None, check_decode:bool=True, workers:int=2, progress:bool=True,
+           subset:bool=False) -> VerifyReport:
+    "Check a data folder against its data card (`subset`: it holds part of the dataset on purpose); every problem becomes a line of the report."
     rep, root = VerifyReport(dataset, str(root)), Path(root).expanduser()
     try: cfg = run_config(dataset, root, params); a = get_adapter(dataset)
     except DiffRetError as e: rep.add("error", str(e)); return rep
@@ -358,10 +386,12 @@ def verify(dataset:str, root, params:dict=None, splits=None, check_decode:bool=T
     for s in splits:
         try: recs = a.load(cfg, s)
         except DiffRetError as e: rep.add("error", f"{s}: cannot load the annotations: {e}"); continue
+        except Exception as e:     # a user's own adapter, or a check an adapter lacks: still a line, not a traceback
+            rep.add("error", f"{s}: the {dataset} adapter failed on the annotations: {type(e).__name__}: {e}"); continue
         rep.counts[s] = (len(recs), sum(len(r.captions) for r in recs))
         rep.add("ok" if recs else "error", f"{s}: {len(recs)} videos, {rep.counts[s][1]} captions")
         if recs: _check_videos(rep, s, recs, card, check_decode, workers, progress)
-    _check_counts(rep, card, splits)
+    _check_counts(rep, card, splits, subset)
     return rep
 
 # %% ../nbs/06_prepare.ipynb #af24bc8f
@@ -384,14 +414,16 @@ def _params(pairs:list) -> dict:
     return {k: flat[k] for k in out}
 
 def summary_text(s:dict, max_list:int=10) -> str:
-    "A short text summary of what `prepare` did."
-    out = [f"prepare {s['dataset']} at {s['root']}: {s['records']} records"]
-    for step in ("reencode", "cache"):
+    "A short text summary of what `prepare` did: each step's counts, then every unreadable or missing video once."
+    out = [f"prepare {s['dataset']} at {s['root']}: {s['records']} records, {s.get('videos', '?')} videos"]
+    for step, unit in (("reencode", "videos"), ("cache", "records")):
         if step not in s: continue
-        d = s[step]
-        out.append(f"  {step}: " + ", ".join(f"{k}={len(v) if isinstance(v, (list, dict)) else v}" for k, v in d.items()))
-        fails = list(d.get("failed", {}).items())
-        out += [f"    failed: {k}: {v}" for k, v in fails[:max_list]] + ([f"    ... and {len(fails) - max_list} more"] if len(fails) > max_list else [])
+        out.append(f"  {step} ({unit}): " + ", ".join(f"{k}={len(v) if isinstance(v, (list, dict)) else v}" for k, v in s[step].items()))
+    for what in ("unreadable", "missing"):
+        d = s.get(what) or {}
+        items = [f"{p}: {d[p]}" if isinstance(d, dict) else p for p in list(d)[:max_list]]
+        if items: out += [f"  {what} ({len(d)}):"] + [f"    {i}" for i in items]
+        if len(d) > max_list: out.append(f"    ... and {len(d) - max_list} more")
     return "\n".join(out)
 
 def _run(fn, argv) -> int:
@@ -420,11 +452,12 @@ def _prepare(argv) -> int:
     print(summary_text(s))
     if a.bench and not a.no_cache:
         cfg = run_config(a.dataset, a.root, params)
-        recs = [r for r in _all_records(cfg, splits) if Path(r.path).is_file()][:a.bench]
+        recs = [r for r in _all_records(cfg, splits) if Path(r.path).is_file() and r.path not in s["unreadable"]][:a.bench]
         if recs: print("decode throughput (frames/s):", decode_throughput(cfg, recs, None if a.no_reencode else (a.out or Path(a.root) / "reencoded")))
-    bad = len(s.get("reencode", {}).get("failed", {})) + len(s.get("cache", {}).get("failed", {}))
-    if bad: print(f"{bad} videos could not be read (listed above); run `diffret verify {a.dataset} --root {a.root}`")
-    return 1 if bad else 0
+    u, m = len(s["unreadable"]), len(s["missing"])
+    if u or m: print(f"{u + m} of {s['videos']} videos could not be prepared: {u} unreadable, {m} missing (listed above); "
+                     f"run `diffret verify {a.dataset} --root {a.root}`")
+    return 1 if u or m else 0
 
 def prepare_main(argv=None) -> int:
     "`diffret prepare DATASET --root DIR [-p name=value ...]`; returns the exit code."
@@ -437,11 +470,14 @@ def verify_parser() -> argparse.ArgumentParser:
     _common_args(ap)
     ap.add_argument("--quick", action="store_true", help="only check that video files exist (no decoding)")
     ap.add_argument("--list", default="", metavar="FILE", help="write every missing/unreadable video to FILE")
+    ap.add_argument("--subset", action="store_true", help="the folder holds part of the dataset on purpose: fewer videos or "
+                    "captions than the data card are reported, not an error")
     return ap
 
 def _verify(argv) -> int:
     a = verify_parser().parse_args(argv)
-    rep = verify(a.dataset, a.root, _params(a.param), [s for s in a.splits.split(",") if s], not a.quick, a.workers, not a.quiet)
+    rep = verify(a.dataset, a.root, _params(a.param), [s for s in a.splits.split(",") if s], not a.quick, a.workers, not a.quiet,
+                 a.subset)
     print(rep.format())
     if a.list:
         lines = [f"{s}\tmissing\t{p}" for s, ps in rep.missing.items() for p in ps]

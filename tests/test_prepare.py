@@ -132,7 +132,7 @@ def test_verify_reports_missing_annotations_and_wrong_counts(prepared):
     rep = verify("msrvtt", root, workers=1, progress=False)
     text = rep.format()
     assert not rep.ok and "MISSING: " + str(root / "MSRVTT_data.json") in text
-    assert "match no variant of the card" in text          # 4 test videos instead of 1000
+    assert "test: 1,000 videos expected (data card msrvtt, 1k-A, 9k training list), found 4" in text   # 4 test videos
     assert "test: 4 of 4 videos readable" in text
 
 
@@ -141,3 +141,87 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert verify_main(["nosuch", "--root", str(tmp_path), "--quiet"]) == 1
     assert prepare_main(["msrvtt", "--root", str(tmp_path), "-p", "n_frames=many", "--quiet"]) == 2
     assert "expects int" in capsys.readouterr().err
+
+
+# --- verify reports schema errors and count differences; prepare counts videos, not attempts (issue 8) ---
+
+def _msvd_folder(root: Path, captions: dict, test_ids: list) -> Path:
+    (root / "videos").mkdir(parents=True)
+    (root / "captions_msvd.json").write_text(json.dumps(captions))
+    (root / "test_list.txt").write_text("\n".join(test_ids) + "\n")
+    for v in test_ids: (root / "videos" / f"{v}.avi").write_bytes(b"x")       # present (verify --quick checks existence)
+    return root
+
+
+def test_verify_reports_a_schema_error_instead_of_a_traceback(tmp_path):
+    (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps({"sentences": [{"video_id": "video0", "text": "a", "sen_id": 0}]}))
+    rep = verify("msrvtt", tmp_path, splits=["train"], check_decode=False, progress=False)
+    assert not rep.ok
+    assert any(l == "error" and "sentences[0] has no field 'caption'" in m for l, m in rep.lines), rep.format()
+
+
+def test_verify_rejects_msvd_caption_strings(tmp_path):
+    root = _msvd_folder(tmp_path, {"a_1_2": "a dog runs", "b_1_2": ["a cat"]}, ["a_1_2", "b_1_2"])
+    rep = verify("msvd", root, splits=["test"], check_decode=False, progress=False, subset=True)
+    assert not rep.ok and "video 'a_1_2' should be a list of strings" in rep.format()
+
+
+def test_verify_compares_counts_with_the_card(tmp_path, capsys):
+    root = _msvd_folder(tmp_path, {"a_1_2": ["a dog runs", "a dog plays"], "b_1_2": ["a cat"]}, ["a_1_2", "b_1_2"])
+    rep = verify("msvd", root, splits=["test"], check_decode=False, progress=False)
+    text = rep.format()
+    assert not rep.ok
+    assert "test: 670 videos expected (data card msvd, official), found 2" in text
+    assert "test: 27,763 captions expected (data card msvd, official), found 3" in text
+    sub = verify("msvd", root, splits=["test"], check_decode=False, progress=False, subset=True)
+    assert sub.ok and "declared subset" in sub.format() and "2 of 670 videos" in sub.format()
+    args = ["msvd", "--root", str(root), "--splits", "test", "--quick", "--quiet"]
+    assert verify_main(args) == 1 and verify_main(args + ["--subset"]) == 0
+    out = capsys.readouterr().out
+    assert "670 videos expected" in out and "RESULT: OK" in out
+
+
+def test_verify_subset_larger_than_the_card_is_an_error(tmp_path):
+    ids = [f"v{i}_1_2" for i in range(3)]
+    root = _msvd_folder(tmp_path, {v: ["c"] for v in ids}, ids)
+    (root / "val_list.txt").write_text("\n".join(ids) + "\n")     # 3 val videos, the card has 100: fine as a subset
+    assert verify("msvd", root, splits=["val"], check_decode=False, progress=False, subset=True).ok
+    from diffusionret_nb.benchmarks import CARDS
+    card = CARDS["msvd"]
+    old = card.counts
+    card.counts = {"official": {**old["official"], "val": 2}}
+    try:
+        rep = verify("msvd", root, splits=["val"], check_decode=False, progress=False, subset=True)
+        assert not rep.ok and "val: 2 videos expected (data card msvd, official), found 3" in rep.format()
+    finally:
+        card.counts = old
+
+
+def test_verify_counts_match_the_card_on_real_msvd():
+    rep = verify("msvd", shared_data("msvd"), check_decode=False, progress=False)
+    text = rep.format()
+    assert any(l == "ok" and "counts match the data card msvd (official)" in m for l, m in rep.lines), text
+    assert "expected (data card" not in text
+
+
+def test_prepare_counts_each_video_once(tmp_path, capsys):
+    "4 video files (2 good, 2 unreadable) and a 5th listed but missing: 2 unreadable and 1 missing, not 5 failures."
+    from diffusionret_nb.video import write_video
+    root = tmp_path / "m"; (root / "videos").mkdir(parents=True)
+    grey = np.arange(20, dtype=np.uint8)[:, None, None, None] * 8 * np.ones((1, 48, 64, 3), np.uint8)
+    for i in (1, 2): write_video(root / "videos" / f"video{i}.mp4", grey, fps=10)
+    (root / "videos" / "video3.mp4").write_bytes(b"junk")
+    (root / "videos" / "video4.mp4").write_bytes(b"")
+    (root / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n"
+                                                   + "".join(f"r{i},m{i},video{i},c{i}\n" for i in range(1, 6)))
+    s = prepare("msrvtt", root, dict(preset="tiny"), splits=["test"], workers=1, progress=False)
+    assert (s["records"], s["videos"]) == (5, 5)
+    assert sorted(Path(p).name for p in s["unreadable"]) == ["video3.mp4", "video4.mp4"]
+    assert [Path(p).name for p in s["missing"]] == ["video5.mp4"]
+    assert prepare_main(["msrvtt", "--root", str(root), "--splits", "test", "--quiet", "--workers", "1",
+                         "--bench", "0", "-p", "preset=tiny"]) == 1
+    out = capsys.readouterr().out
+    assert "3 of 5 videos could not be prepared: 2 unreadable, 1 missing" in out, out
+    lines = out.splitlines()                                        # each video on one line (its reason may repeat the path)
+    assert sum("video3.mp4" in l for l in lines) == 1 and sum("video5.mp4" in l for l in lines) == 1, out
