@@ -20,8 +20,8 @@ from .rerank import gallery_similarity_fast, gallery_similarity_reference, reran
 from .generator import Stage2Generator
 
 # %% auto #0
-__all__ = ['MSRVTT_TOKEN_LENGTHS', 'random_gallery', 'measure', 'matmul_gflops', 'literal_flops', 'bench_rerank', 'summary',
-           'bench_parser', 'bench_main']
+__all__ = ['MSRVTT_TOKEN_LENGTHS', 'SWEEPS', 'random_gallery', 'measure', 'matmul_gflops', 'literal_flops', 'bench_rerank',
+           'summary', 'bench_parser', 'bench_main']
 
 # %% ../nbs/55_bench.ipynb #39b1b860
 MSRVTT_TOKEN_LENGTHS = {5: 3, 6: 54, 7: 72, 8: 127, 9: 99, 10: 114, 11: 104, 12: 81, 13: 76, 14: 67, 15: 51, 16: 34,
@@ -188,8 +188,11 @@ def _ints(s:str, name:str) -> tuple:
 def bench_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffret bench rerank", description="time the similarity, the diffusion re-ranking "
                                  "(fast and reference forms) and a stage-2 training step on random features")
-    ap.add_argument("--gallery", default="1000,3000,5000", help="gallery sizes, comma-separated (default 1000,3000,5000)")
-    ap.add_argument("--steps", default="1,3,5,10,30,50", help="sampler steps, comma-separated (default 1,3,5,10,30,50)")
+    ap.add_argument("--sweep", default="quick", choices=tuple(SWEEPS), help="'quick' (default: gallery 1000, steps 1,10,50, "
+                    "no reference forms, about 20 s on 2 cores) or 'full' (Table 4: galleries 1000,3000,5000, steps "
+                    "1,3,5,10,30,50, the reference forms and a training step: several minutes)")
+    ap.add_argument("--gallery", help="gallery sizes, comma-separated (default: the sweep's)")
+    ap.add_argument("--steps", help="sampler steps, comma-separated (default: the sweep's)")
     ap.add_argument("--out", help="write the records to this JSON file")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--topk", type=int, default=32, help="candidates re-ranked per query (default 32)")
@@ -198,21 +201,29 @@ def bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--ref-gallery", type=int, default=1000, help="gallery size at which the reference forms run (default 1000)")
     ap.add_argument("--ref-steps", type=int, default=50, help="steps at which the reference re-ranking runs (default 50)")
-    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference forms")
-    ap.add_argument("--no-train-step", action="store_true", help="skip the training-step timing")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference forms (the quick sweep skips them)")
+    ap.add_argument("--no-train-step", action="store_true", help="skip the training-step timing (the quick sweep skips it)")
     return ap
+
+SWEEPS = dict(quick=dict(gallery="1000", steps="1,10,50", reference=False, train_step=False, estimate="about 20 s"),
+              full=dict(gallery="1000,3000,5000", steps="1,3,5,10,30,50", reference=True, train_step=True,
+                        estimate="several minutes (about 5 on a quiet 2-core CPU)"))
 
 def bench_main(argv=None) -> int:
     "`diffret bench rerank [options]`; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["rerank"]: argv = argv[1:]
     a = bench_parser().parse_args(argv)
+    sw = SWEEPS[a.sweep]
     try:
         from diffusionret_nb.core import resolve_device
         device = resolve_device(a.device)
-        recs = bench_rerank(_ints(a.gallery, "gallery"), _ints(a.steps, "steps"), a.out, device=device, topk=a.topk, chunk=a.chunk,
-                            lengths=a.lengths, reference=not a.no_reference, ref_gallery=a.ref_gallery, ref_steps=a.ref_steps,
-                            train_step=not a.no_train_step, threads=a.threads)
+        galleries, steps = _ints(a.gallery or sw["gallery"], "gallery"), _ints(a.steps or sw["steps"], "steps")
+        print(f"{a.sweep} sweep: galleries {galleries}, steps {steps}"
+              + ("" if a.gallery or a.steps else f"; expect {sw['estimate']}") + "; one line per measurement", flush=True)
+        recs = bench_rerank(galleries, steps, a.out, device=device, topk=a.topk, chunk=a.chunk, lengths=a.lengths,
+                            reference=sw["reference"] and not a.no_reference, ref_gallery=a.ref_gallery, ref_steps=a.ref_steps,
+                            train_step=sw["train_step"] and not a.no_train_step, threads=a.threads)
     except DiffRetError as e:
         print(f"diffret: error: {e}", file=sys.stderr); return 2
     s = summary(recs)

@@ -10,17 +10,19 @@ import json
 import sys
 from pathlib import Path
 
-from .core import ConfigError, DiffRetError
-from .config import PARAMS, SECTIONS, RunConfig, arch_recipe, check_value, list_paramsets, param_help
-from .pipeline import evaluate_checkpoint
-from .runner import RunFailed, run_experiment, run_params
+import hashlib
+import re
+
+from .core import ConfigError, DiffRetError, RunFailed
+from .config import PARAMS, SECTIONS, RunConfig, arch_recipe, check_value, flatten_params, list_paramsets, param_help
 
 # %% auto #0
-__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'cmd_eval', 'main', 'console']
+__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'eval_name', 'cmd_eval', 'main', 'console']
 
 # %% ../nbs/70_cli.ipynb #0eae3ddf
 def demo(out="results/demo", name:str=None, force:bool=False, progress:bool=True, **overrides) -> Path:
     "The embedded default (parameter set `demo`): render the synthetic world, train the tiny model on CPU, evaluate."
+    from diffusionret_nb.runner import run_experiment, run_params
     return run_experiment(run_params("demo", **overrides), out, name, force, progress)
 
 # %% ../nbs/70_cli.ipynb #6bcd7632
@@ -32,7 +34,7 @@ def parse_overrides(pairs:list, params_file:str=None) -> dict:
         if not p.is_file(): raise ConfigError(f"params file not found: {p}")
         try: data = json.loads(p.read_text())
         except json.JSONDecodeError as e: raise ConfigError(f"{p} is not valid JSON: {e}") from None
-        out.update({k: check_value(k, v) for k, v in data.items()})
+        out.update({k: check_value(k, v) for k, v in flatten_params(data, str(p)).items()})   # flat, or a run's params.json
     for kv in pairs or []:
         if "=" not in kv: raise ConfigError(f"expected name=value, got {kv!r}")
         k, v = kv.split("=", 1)
@@ -56,10 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         common(p, out)
         p.add_argument("--name", help="run folder name (default: dataset-arch-preset-<hash of parameters>)")
         p.add_argument("--force", action="store_true", help="run again even if the run folder holds a finished run")
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split")
+    e = sub.add_parser("eval", help="evaluate a run folder or checkpoint (stage 1, stage 2 re-ranked, or a reference "
+                                    "DiffusionRet model file) on any dataset and split")
     common(e, "results/eval")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint written by diffret (best.pt or last.pt)")
-    e.add_argument("--name", help="run folder name (default: checkpoint's run name)")
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="a run folder (both stages), a checkpoint written by "
+                   "diffret (checkpoints/best.pt, checkpoints/stage2/best.pt), or the reference code's saved model file")
+    e.add_argument("--name", help="result folder name (default: the run, the checkpoint and the overrides)")
     sub.add_parser("prepare", help="re-encode a dataset's videos and build its frame cache (see `diffret prepare -h`)", add_help=False)
     sub.add_parser("verify", help="check a dataset folder against its data card (see `diffret verify -h`)", add_help=False)
     sub.add_parser("bench", help="benchmark similarity and diffusion re-ranking (see `diffret bench rerank -h`)", add_help=False)
@@ -96,16 +100,29 @@ def cmd_params(args):
         print(f"{a}: " + (", ".join(f"{k}={v!r}" for k, v in rec.items()) if rec else "the library defaults (the reference recipe)"))
 
 def cmd_run(args):
+    from diffusionret_nb.runner import run_experiment, run_params
     overrides = parse_overrides(args.param, args.params)
     if args.cmd == "demo": run_dir = demo(args.out, args.name, args.force, not args.quiet, **overrides)
     else: run_dir = run_experiment(run_params(args.paramset, **overrides), args.out, args.name, args.force, not args.quiet)
     _print_result(run_dir)
 
+def eval_name(checkpoint, overrides:dict) -> str:
+    "Default folder name of an evaluation: the run (and checkpoint) it evaluates, then its overrides."
+    ck = Path(checkpoint).expanduser().resolve()
+    if ck.is_dir(): base = ck.name
+    elif ck.parent.name == "stage2": base = f"{ck.parent.parent.parent.name}-stage2-{ck.stem}"
+    elif ck.parent.name == "checkpoints": base = f"{ck.parent.parent.name}-{ck.stem}"
+    else: base = ck.stem
+    tag = "-".join(f"{k}={Path(v).name if isinstance(v, str) and '/' in v else v}" for k, v in sorted(overrides.items()))
+    tag = re.sub(r"[^A-Za-z0-9._=+-]", "_", tag)
+    if len(tag) > 80: tag = tag[:60] + "-" + hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{base}-{tag}" if tag else base
+
 def cmd_eval(args):
+    from diffusionret_nb.pipeline import evaluate_checkpoint
     overrides = parse_overrides(args.param, args.params)
-    ck = Path(args.checkpoint)
-    run_dir = Path(args.out) / (args.name or f"{ck.parent.parent.name or 'checkpoint'}-{ck.stem}")
-    evaluate_checkpoint(ck, run_dir, overrides, progress=not args.quiet)
+    run_dir = Path(args.out) / (args.name or eval_name(args.checkpoint, overrides))
+    evaluate_checkpoint(args.checkpoint, run_dir, overrides, progress=not args.quiet)
     _print_result(run_dir)
 
 # %% ../nbs/70_cli.ipynb #fa05fcba
@@ -132,4 +149,6 @@ def main(argv=None) -> int:
 
 def console():
     "Console-script wrapper around `main`."
-    sys.exit(main())
+    try: rc = main()
+    except BrokenPipeError: rc = 0                  # `diffret params | head`: the reader stopped listening
+    sys.exit(rc)

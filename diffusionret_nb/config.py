@@ -15,8 +15,8 @@ from .core import ConfigError, atomic_write_json
 # %% auto #0
 __all__ = ['SECTIONS', 'PARAMS', 'P', 'DataConfig', 'SyntheticConfig', 'ModelConfig', 'TrainConfig', 'EvalConfig',
            'DiffusionConfig', 'param_help', 'RunConfig', 'check_value', 'list_presets', 'load_preset', 'list_paramsets',
-           'load_paramset', 'arch_recipe', 'build_config', 'params_dict', 'save_params', 'config_from_dict',
-           'load_params']
+           'load_paramset', 'arch_recipe', 'build_config', 'params_dict', 'save_params', 'flatten_params',
+           'config_from_dict', 'load_params']
 
 # %% ../nbs/00_config.ipynb #1409b335
 def P(default, help:str, choices=None, min=None, archs=None):
@@ -27,7 +27,7 @@ def P(default, help:str, choices=None, min=None, archs=None):
 @dataclass
 class DataConfig:
     "Where the data comes from and how videos and captions become tensors."
-    dataset: str = P("synthetic", "dataset adapter name (see `diffusionret_nb.datasets.ADAPTERS`)")
+    dataset: str = P("synthetic", "dataset adapter name (see `diffusionret_nb.benchmarks.ADAPTERS` or `diffret params`)")
     data_root: str = P("", "dataset folder; '' renders the synthetic world into the cache")
     n_words: int = P(0, "words per caption, <start> and <end> included; 0 = the dataset's default (32 short videos, 64 paragraphs)", min=0)
     n_frames: int = P(0, "frames per video T; 0 = the dataset's default (12 short videos, 64 long)", min=0)
@@ -41,6 +41,9 @@ class DataConfig:
                            "scale 0.5-1 and horizontal flip, the same for every frame of a clip)", choices=("none", "xpool"))
     video_policy: str = P("skip", "unreadable/missing videos: 'skip' and count them, or 'strict' (fail)",
                           choices=("skip", "strict"))
+    max_missing_videos: float = P(0.0, "under video_policy='skip': the fraction of an evaluated split's videos that may be "
+                                  "missing or unreadable before the evaluation fails (0 = none may be; 0.01 allows 1 %)",
+                                  min=0.0)
     frame_cache: str = P("memory", "'memory': decode each video once per process; 'disk': read the prepared frame cache "
                          "(diffret prepare); 'none': decode every time", choices=("memory", "disk", "none"))
     frame_cache_dir: str = P("", "folder of the prepared frame cache ('' = <data_root>/frame_cache)")
@@ -122,8 +125,9 @@ class EvalConfig:
 class DiffusionConfig:
     "DiffusionRet stage 2: the generator, its training and the re-ranking at inference (SPEC 1.4-1.5)."
     stage2: bool = P(False, "train the stage-2 generator after stage 1 and re-rank with it at evaluation")
-    train_strategy: str = P("both", "Table 3d: 'both' (stage 1 then stage 2), 'discrimination' (stage 1 only), "
-                            "'generation' (generator only)", choices=("both", "discrimination", "generation"))
+    train_strategy: str = P("both", "with stage2=true, Table 3d's training strategy: 'both' (stage 1 then stage 2), "
+                            "'discrimination' (stage 1 only), 'generation' (generator on an untrained stage 1); "
+                            "ignored when stage2=false (stage 1 only)", choices=("both", "discrimination", "generation"))
     stage2_epochs: int = P(5, "stage-2 training epochs", min=1)
     stage2_lr: float = P(1e-4, "stage-2 learning rate (denoisers only)", min=0.0)
     stage2_batch_size: int = P(0, "stage-2 global batch size (0 = batch_size)", min=0)
@@ -141,8 +145,9 @@ class DiffusionConfig:
     denoiser_tau: float = P(1.0, "tau' of the text-frame attention pooling", min=1e-6)
     denoiser_renorm: bool = P(False, "renormalise the text-frame attention after masking padded frames (reference: no)")
     rerank_topk: int = P(32, "candidates re-ranked per query", min=1)
-    rerank_alpha: float = P(1.0, "weight of softmax(x0_hat / rerank_temp) added to the similarity", min=0.0)
-    rerank_temp: float = P(1.0, "temperature of the re-ranking softmax", min=1e-6)
+    rerank_alpha: float = P(1.0, "weight of softmax(x0_hat * rerank_temp) added to the similarity", min=0.0)
+    rerank_temp: float = P(1.0, "factor of x0_hat inside the re-ranking softmax, softmax(x0_hat * rerank_temp), as the "
+                           "reference's t2v_temp / v2t_temp (it multiplies)", min=1e-6)
     rerank_seed: int = P(0, "seed of the sampler's start noise")
     rerank_n_seeds: int = P(1, "evaluate this many seeds (rerank_seed, +1, ...) and report mean and std", min=1)
 
@@ -273,14 +278,21 @@ def save_params(cfg:RunConfig, path) -> Path:
     "Write `params.json` atomically."
     return atomic_write_json(path, params_dict(cfg))
 
-def config_from_dict(d:dict) -> RunConfig:
-    "Rebuild a `RunConfig` from a `params.json` dict (nested) or a flat dict."
+def flatten_params(d:dict, source="parameters") -> dict:
+    "Flat parameters of a `params.json` dict (sections nested, `preset_resolved`/`version` ignored) or of a flat dict."
+    if not isinstance(d, dict): raise ConfigError(f"{source} must be a JSON object of parameters, got {type(d).__name__}")
     flat = {}
     for k, v in d.items():
-        if k in SECTIONS: flat.update(v)
+        if k in SECTIONS:
+            if not isinstance(v, dict): raise ConfigError(f"{source}: section {k!r} must be an object, got {type(v).__name__}")
+            flat.update(v)
         elif k in ("preset_resolved", "version"): continue
         else: flat[k] = v
-    return build_config(**flat)
+    return flat
+
+def config_from_dict(d:dict) -> RunConfig:
+    "Rebuild a `RunConfig` from a `params.json` dict (nested) or a flat dict."
+    return build_config(**flatten_params(d))
 
 def load_params(path) -> RunConfig:
     "Read a `params.json` back into a `RunConfig`."

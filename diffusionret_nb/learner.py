@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ class Learner:
         self.cbs = sorted(cbs, key=lambda c: c.order)
         for cb in self.cbs: cb.learn = self
         self.epoch = self.batch_in_epoch = self.step = 0
-        self.history, self.n_skipped = [], 0
+        self.history, self.n_skipped, self.seconds = [], 0, 0.0     # seconds: training time, summed over resumes
         self.autocast = contextlib.nullcontext
 
     def __call__(self, event:str):
@@ -115,7 +116,7 @@ class Learner:
         self("after_loss")
         self.backward(self.loss); self("after_backward")
         self.opt_step(); self.opt.zero_grad(set_to_none=True)
-        self.step += 1; self.batch_in_epoch += 1
+        self.step += 1; self.batch_in_epoch += 1; self._tick()
         self("after_step"); self("after_batch")
 
     def one_epoch(self):
@@ -134,13 +135,18 @@ class Learner:
 
     def fit(self, n_epochs:int):
         "Train until epoch `n_epochs` (resumes from `self.epoch` / `self.batch_in_epoch`)."
-        self.n_epochs = n_epochs
+        self.n_epochs, self._clock = n_epochs, (time.perf_counter(), self.seconds)
         self("before_fit")
         try:
             while self.epoch < n_epochs: self.one_epoch()
         except CancelFitException: self("after_cancel_fit")
-        finally: self("after_fit")
+        finally: self._tick(); self("after_fit")
         return self
+
+    def _tick(self):
+        "Update `seconds`: the training time of this fit added to that of the runs it resumed."
+        t0, s0 = self._clock
+        self.seconds = s0 + time.perf_counter() - t0
 
 # %% ../nbs/40_learner.ipynb #659c0673
 def to_device(batch, device):
@@ -240,7 +246,7 @@ class ProgressCB(Callback):
     def before_epoch(self):
         from tqdm import tqdm
         l = self.learn
-        self.bar = tqdm(total=len(l.dl) + l.batch_in_epoch, initial=l.batch_in_epoch, leave=self.leave,
+        self.bar = tqdm(total=len(l.dl), initial=l.batch_in_epoch, leave=self.leave,
                         desc=f"epoch {l.epoch + 1}/{l.n_epochs}", dynamic_ncols=True)
     def after_batch(self):
         self.bar.update(1); self.bar.set_postfix(loss=f"{float(self.learn.loss.detach()):.3f}")
@@ -287,12 +293,18 @@ class EvalCB(Callback):
         if getattr(self, "last_step", None) != self.learn.step: self._evaluate_all()
 
 def _rng_state():
-    st = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    "Every global RNG's state as plain data (tensors, numbers, tuples), so `torch.load(weights_only=True)` reads it."
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = dict(torch=torch.get_rng_state(), python=random.getstate(),
+              numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                         gauss=float(gauss)))
     if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 def _set_rng_state(st):
-    torch.set_rng_state(st["torch"]); np.random.set_state(st["numpy"]); random.setstate(st["python"])
+    n = st["numpy"]
+    torch.set_rng_state(st["torch"]); random.setstate(st["python"])
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
 # %% ../nbs/40_learner.ipynb #3ba47f61
@@ -301,7 +313,7 @@ def learner_state(learn:Learner, extra:dict=None) -> dict:
     ev, ema, mp = learn.cb(EvalCB), learn.cb(EMACB), learn.cb(MixedPrecisionCB)
     return dict(model=learn.model.state_dict(), opt=learn.opt.state_dict(), epoch=learn.epoch,
                 batch_in_epoch=learn.batch_in_epoch, step=learn.step, history=learn.history,
-                evals=getattr(learn, "evals", []), n_skipped=learn.n_skipped, rng=_rng_state(),
+                evals=getattr(learn, "evals", []), n_skipped=learn.n_skipped, rng=_rng_state(), seconds=learn.seconds,
                 ema=ema.ema.state if ema and ema.ema else None,
                 scaler=mp.scaler.state_dict() if mp and mp.scaler else None,
                 best=dict(score=ev.best_score, state=ev.best_state, info=ev.best_info) if ev else None,
@@ -322,15 +334,21 @@ class CheckpointCB(Callback):
         if self.every_steps and self.learn.step % self.every_steps == 0 and self.learn.batch_in_epoch < len(self.learn.dl):
             self.save()
     def after_epoch(self): self.save()
+    def after_cancel_fit(self): self.save()       # stopped by max_steps (or a callback) inside an epoch: keep that state
 
-def resume(learn:Learner, path) -> Learner:
+def resume(learn:Learner, path, verbose:bool=True) -> Learner:
     "Restore `learn` (weights, optimiser, EMA, position, RNG, history, best) from a `last.pt`."
     path = Path(path)
-    try: st = torch.load(path, map_location="cpu", weights_only=False)
+    try: st = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError: raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e: raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot resume from {path}: it is damaged or from an older version of the workbook "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it to start the run over "
+                              "(or run the same command with --force, which moves the run folder aside)") from None
     learn.model.load_state_dict(st["model"]); learn.opt.load_state_dict(st["opt"])
     learn.epoch, learn.batch_in_epoch, learn.step = st["epoch"], st["batch_in_epoch"], st["step"]
+    learn.seconds = st.get("seconds", 0.0)
+    if verbose: print(f"resuming from {path}: step {learn.step} (epoch {learn.epoch + 1}, batch {learn.batch_in_epoch})")
     learn.history, learn.evals, learn.n_skipped = st["history"], st["evals"], st["n_skipped"]
     ema, ev, mp = learn.cb(EMACB), learn.cb(EvalCB), learn.cb(MixedPrecisionCB)
     if ema and st["ema"] is not None:

@@ -5,14 +5,16 @@
 # %% ../nbs/60_pipeline.ipynb #7c8a8c1e
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from .benchmarks import get_adapter, load_records, resolve_config
-from .config import RunConfig, build_config, save_params
+from .config import DataConfig, EvalConfig, RunConfig, SyntheticConfig, build_config, save_params
 from .core import (CheckpointError, ConfigError, DataError, atomic_write_json, atomic_write_text, resolve_device,
-                                  seed_everything)
-from .datasets import FrameSource, VideoTextDataset
+                                  run_lock, seed_everything)
+from .datasets import FrameSource, VideoTextDataset, eval_texts
 from .inference import encode_gallery, encode_videos, gallery_metrics
 from .learner import EvalCB
 from .metrics import format_table
@@ -23,8 +25,9 @@ from .training import (CaptionPairs, check_stage2_config, stage_plan, train_stag
                                       validation_split)
 
 # %% auto #0
-__all__ = ['absolute_paths', 'check_inputs', 'SplitEvaluator', 'rerank_evaluator', 'encode_bank', 'run_stage2', 'train_eval',
-           'evaluate_checkpoint']
+__all__ = ['EVAL_OVERRIDABLE', 'absolute_paths', 'check_inputs', 'check_missing', 'SplitEvaluator', 'rerank_evaluator',
+           'encode_bank', 'run_stage2', 'with_stage2', 'check_rerank_topk', 'train_eval', 'check_eval_overrides',
+           'locate_checkpoints', 'evaluate_checkpoint']
 
 # %% ../nbs/60_pipeline.ipynb #7f9df59f
 _PATH_KEYS = ("data_root", "frame_cache_dir", "checkpoint")
@@ -48,7 +51,17 @@ def check_inputs(cfg:RunConfig):
         raise CheckpointError(f"CLIP weights not found: {cfg.model.pretrained} (parameter pretrained)")
     resolve_device(cfg.train.device)
 
-# %% ../nbs/60_pipeline.ipynb #9cf64feb
+# %% ../nbs/60_pipeline.ipynb #e8323587
+def check_missing(n_skipped:int, n_videos:int, cfg:RunConfig):
+    "A `DataError` when more of a split's videos were unreadable than `max_missing_videos` allows."
+    allowed = cfg.data.max_missing_videos
+    if n_skipped > allowed * n_videos:
+        raise DataError(f"{n_skipped} of the {n_videos} videos of split {cfg.data.test_split!r} (dataset {cfg.data.dataset!r}, "
+                        f"data_root {cfg.data.data_root!r}) are missing or unreadable ({100 * n_skipped / n_videos:.1f} %), more "
+                        f"than max_missing_videos={allowed:g} allows: a result on the rest would not be the benchmark's. Run "
+                        f"`diffret verify {cfg.data.dataset} --root <data_root>` to list them, or accept a fraction with "
+                        f"-p max_missing_videos=<fraction>")
+
 class SplitEvaluator:
     "Evaluates models on one split's records; the `final` one adds post-processing and the adapter's diagnostics."
     def __init__(self, cfg:RunConfig, records:list, device, final:bool=False):
@@ -58,10 +71,12 @@ class SplitEvaluator:
         self.bank = load_records(cfg, cfg.data.train_split) if self.post and cfg.eval.postprocess == "qbnorm" else None
 
     def gallery(self, model, progress:bool=True):
-        "The split encoded by `model` (features and stage-1 similarity)."
+        "The split encoded by `model` (features and stage-1 similarity); the final split checks how many videos were missing."
         c = self.cfg
-        return encode_gallery(model, self.records, self.src, c.data.n_words, self.adapter.protocol, c.eval.eval_batch_size,
-                              c.eval.sim_block, self.device, c.data.num_workers, progress)
+        g = encode_gallery(model, self.records, self.src, c.data.n_words, self.adapter.protocol, c.eval.eval_batch_size,
+                           c.eval.sim_block, self.device, c.data.num_workers, progress)
+        if self.final: check_missing(g.n_skipped, len(self.records), c)
+        return g
 
     def metrics(self, g, model) -> dict:
         "Metrics of gallery `g` (post-processed and with diagnostics when final)."
@@ -96,10 +111,12 @@ def run_stage2(cfg:RunConfig, stage1, run_dir, device, progress:bool=True) -> tu
     check_stage2_config(cfg)
     stage1 = stage1.to(device).eval()
     recs = load_records(cfg, cfg.data.train_split)
-    bank, rows, _ = encode_bank(stage1, recs, FrameSource.from_config(cfg), cfg.data.n_words, cfg.eval.eval_batch_size,
+    bank, rows, skipped = encode_bank(stage1, recs, FrameSource.from_config(cfg), cfg.data.n_words, cfg.eval.eval_batch_size,
                                 device, cfg.data.num_workers, progress)
-    return train_stage2(cfg, stage1, bank, CaptionPairs(recs, rows, cfg.data.n_words), run_dir,
-                        lambda: rerank_evaluator(cfg, stage1, device), progress)
+    learn, gen = train_stage2(cfg, stage1, bank, CaptionPairs(recs, rows, cfg.data.n_words), run_dir,
+                              lambda: rerank_evaluator(cfg, stage1, device), progress)
+    learn.bank_skipped = skipped
+    return learn, gen
 
 # %% ../nbs/60_pipeline.ipynb #9cf28137
 def _rows(metrics:dict) -> dict:
@@ -126,8 +143,11 @@ def _selected(learn, cfg:RunConfig):
     if ev and ev.best_info: return dict(ev.best_info, split=validation_split(cfg))
     return f"last epoch (no validation split: val_split={cfg.data.val_split!r}, dataset splits {list(get_adapter(cfg.data.dataset).splits)})"
 
-def _train_info(learn, seconds:float) -> dict:
-    return dict(epochs=learn.epoch, steps=learn.step, seconds=round(seconds, 2), n_skipped_videos=learn.n_skipped)
+def _train_info(learn) -> dict:
+    "Epochs, steps, training seconds (summed over resumes) and the number of distinct training videos skipped."
+    src = getattr(learn.dl.dataset, "frames", None)                     # stage 1: the frame source of the pairs
+    skipped = len(src.skipped) if src is not None else getattr(learn, "bank_skipped", 0)
+    return dict(epochs=learn.epoch, steps=learn.step, seconds=round(learn.seconds, 2), n_skipped_videos=skipped)
 
 def _validator(cfg:RunConfig, device):
     split = validation_split(cfg)
@@ -138,30 +158,43 @@ def _untrained(cfg:RunConfig, evaluate, device) -> dict:
     m = evaluate(create_model(cfg).to(device))
     return {k: v for k, v in m.items() if k in ("t2v", "v2t") or k.startswith("twin_")}
 
+def with_stage2(m:dict, g, gen, cfg:RunConfig, device) -> dict:
+    "Metrics `m` of gallery `g` with the stage-1 block moved under 'stage1' and the re-ranked metrics on top."
+    stage1 = {k: m.pop(k) for k in ("t2v", "v2t", "model", "selected", "train") if k in m}
+    stage1.update({k: m.pop(k) for k in list(m) if k.startswith("twin_") or k in ("raw", "postprocess")})
+    return {**m, **rerank_metrics(g, gen, cfg.diffusion, device=device), "model": "stage 2", "stage1": stage1}
+
+def check_rerank_topk(cfg:RunConfig):
+    "Fail before any training when `rerank_topk` exceeds the validation gallery of stage 2."
+    split = validation_split(cfg)
+    if not split: return
+    recs = load_records(cfg, split)
+    n_texts = len(eval_texts(recs, get_adapter(cfg.data.dataset).protocol)[0])
+    if cfg.diffusion.rerank_topk > min(n_texts, len(recs)):
+        raise ConfigError(f"rerank_topk={cfg.diffusion.rerank_topk} exceeds the validation gallery ({n_texts} texts × {len(recs)} "
+                          f"videos in split {split!r}); lower rerank_topk")
+
 def train_eval(cfg:RunConfig, run_dir, progress:bool=True) -> dict:
     "Train stage 1 and, when asked, stage 2 (resuming when interrupted); evaluate the selected models on the test split; write the run folder."
-    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir): return _train_eval(cfg, Path(run_dir), progress)
+
+def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     check_inputs(cfg); cfg = resolve_config(cfg)
-    if cfg.diffusion.stage2: check_stage2_config(cfg)       # fail before stage 1 trains
+    if stage_plan(cfg)[1]: check_stage2_config(cfg); check_rerank_topk(cfg)       # fail before stage 1 trains
     save_params(cfg, run_dir / "params.json")
     device, do1, do2 = resolve_device(cfg.train.device), *stage_plan(cfg)
     evaluate = SplitEvaluator(cfg, load_records(cfg, cfg.data.test_split), device, final=True)
     untrained = _untrained(cfg, evaluate, device) if cfg.eval.eval_untrained else None
-    t0 = time.time()
     if do1: learn, model = train_stage1(cfg, run_dir, _validator(cfg, device), progress)
     else: learn, model = None, (seed_everything(cfg.train.seed), create_model(cfg))[1]    # Table 3d 'generation'
     t1 = time.time()
     g = evaluate.gallery(model.to(device))
     m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=_selected(learn, cfg))
-    if learn: m["train"] = _train_info(learn, t1 - t0)
+    if learn: m["train"] = _train_info(learn)
     history = dict(steps=learn.history if learn else [], evals=getattr(learn, "evals", []))
     if do2:
-        t2 = time.time()
         learn2, gen = run_stage2(cfg, model, run_dir, device, progress)
-        stage1 = {k: m.pop(k) for k in ("t2v", "v2t", "model", "selected", "train") if k in m}
-        stage1.update({k: m.pop(k) for k in list(m) if k.startswith("twin_") or k in ("raw", "postprocess")})
-        m = {**m, **rerank_metrics(g, gen, cfg.diffusion, device=device), "model": "stage 2", "stage1": stage1,
-             "selected": _selected(learn2, cfg), "train": _train_info(learn2, time.time() - t2)}
+        m = dict(with_stage2(m, g, gen, cfg, device), selected=_selected(learn2, cfg), train=_train_info(learn2))
         history["stage2"] = dict(steps=learn2.history, evals=getattr(learn2, "evals", []))
     m["eval_seconds"] = round(time.time() - t1, 2)
     if untrained: m["untrained"] = untrained
@@ -170,18 +203,74 @@ def train_eval(cfg:RunConfig, run_dir, progress:bool=True) -> dict:
     atomic_write_json(run_dir / "metrics.json", m)
     return m
 
-# %% ../nbs/60_pipeline.ipynb #7e8405c4
+# %% ../nbs/60_pipeline.ipynb #52a922ce
+EVAL_OVERRIDABLE = ({f.name for f in fields(DataConfig) if f.name not in ("train_list", "twin_batches", "train_split")}
+                    | {f.name for f in fields(SyntheticConfig)} | {f.name for f in fields(EvalConfig)}
+                    | {"device", "rerank_topk", "rerank_alpha", "rerank_temp", "rerank_seed", "rerank_n_seeds", "diff_eval_steps",
+                       "diff_sampler", "diff_eta"}) - {"checkpoint"}
+
+def check_eval_overrides(stored:RunConfig, overrides:dict, what="the checkpoint"):
+    "Refuse, naming them, overrides that would change the trained model or its training."
+    flat = stored.flat()
+    fixed = sorted(k for k, v in overrides.items() if k not in EVAL_OVERRIDABLE and v != flat[k])
+    if fixed:
+        raise ConfigError(f"{', '.join(f'{k}={overrides[k]!r}' for k in fixed)}: cannot apply to {what}, whose model and "
+                          f"training fix {', '.join(f'{k}={flat[k]!r}' for k in fixed)}; an evaluation can change only the data, "
+                          "the split, the synthetic world, post-processing, re-ranking and the device")
+
+def locate_checkpoints(path) -> dict:
+    "{'stage1': path or None, 'stage2': path or None, 'official': path or None} for a run folder or a checkpoint file."
+    path = Path(path).expanduser()
+    if path.is_dir():
+        s1 = next((p for p in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt") if p.is_file()), None)
+        if s1 is None: raise CheckpointError(f"{path} is a folder without checkpoints/best.pt or last.pt (not a finished run folder)")
+        s2 = path / "checkpoints" / "stage2" / "best.pt"
+        return dict(stage1=s1, stage2=s2 if s2.is_file() else None, official=None)
+    ck = read_checkpoint(path)
+    from diffusionret_nb.official import is_official
+    if is_official(ck): return dict(stage1=None, stage2=None, official=path)
+    if checkpoint_info(ck, path)["stage"] == 1: return dict(stage1=path, stage2=None, official=None)
+    s1 = path.parent.parent / "best.pt"                       # <run>/checkpoints/stage2/best.pt -> <run>/checkpoints/best.pt
+    if not s1.is_file():
+        raise CheckpointError(f"{path} is a stage-2 (generator) checkpoint, and its stage-1 weights are not at {s1}; "
+                              "pass the run folder, or keep the generator inside its run's checkpoints/stage2/")
+    return dict(stage1=s1, stage2=path, official=None)
+
+def _eval_models(src:dict, overrides:dict) -> tuple:
+    "(config, stage-1 model, generator or None) of located checkpoints with `overrides` checked and applied."
+    if src["official"] is not None:
+        from diffusionret_nb.official import load_official
+        stored = build_config(**{"preset": "vitb32", "stage2": True, **{k: v for k, v in overrides.items() if k in ("preset",)}})
+        check_eval_overrides(stored, {k: v for k, v in overrides.items() if k != "preset"}, "a reference DiffusionRet model")
+        cfg = build_config(**{**stored.flat(), **overrides})
+        s1, gen = load_official(src["official"], cfg)
+        return cfg, s1, gen
+    stored = checkpoint_info(read_checkpoint(src["stage1"]), src["stage1"])["cfg"]
+    check_eval_overrides(stored, overrides)
+    cfg = build_config(**{**stored.flat(), **overrides})
+    s1 = load_model(src["stage1"], cfg, stage=1)[0]
+    gen = load_model(src["stage2"], cfg, stage=2)[0] if src["stage2"] is not None else None
+    return cfg, s1, gen
+
 def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=True) -> dict:
-    "Evaluate a checkpoint on a split (its stored config, `overrides` applied) and write the run folder."
-    info = checkpoint_info(read_checkpoint(checkpoint), checkpoint)
-    if info["stage"] != 1: raise CheckpointError(f"{checkpoint} is a stage-2 (generator) checkpoint; evaluate its run's stage-1 checkpoint")
-    flat = {**info["cfg"].flat(), **(overrides or {}), "checkpoint": str(checkpoint)}
-    cfg = build_config(**flat); check_inputs(cfg); cfg = resolve_config(cfg)
-    run_dir = Path(run_dir); save_params(cfg, run_dir / "params.json")
-    model, _ = load_model(checkpoint, cfg, stage=1)
-    device = resolve_device(cfg.train.device)
-    m = SplitEvaluator(cfg, load_records(cfg, cfg.data.test_split), device, final=True)(model.to(device))
-    m.update(split=cfg.data.test_split, model=f"checkpoint {Path(checkpoint).name}")
-    atomic_write_text(run_dir / "table.md", _table(m))
-    atomic_write_json(run_dir / "metrics.json", m)
+    "Evaluate a run folder or a checkpoint on a split (its stored config, evaluation `overrides` applied); write `run_dir`."
+    src = locate_checkpoints(checkpoint)
+    cfg, s1, gen = _eval_models(src, overrides or {})
+    cfg = build_config(**{**cfg.flat(), "checkpoint": str(Path(src["stage1"] or src["official"]).expanduser().resolve())})
+    check_inputs(cfg); cfg = resolve_config(cfg)
+    run_dir, existed = Path(run_dir), Path(run_dir).exists()
+    try:
+        with run_lock(run_dir):
+            device = resolve_device(cfg.train.device)
+            ev = SplitEvaluator(cfg, load_records(cfg, cfg.data.test_split), device, final=True)
+            g = ev.gallery(s1.to(device), progress)
+            m = dict(ev.metrics(g, s1), split=cfg.data.test_split, model="stage 1")
+            if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device)
+            m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None})
+            save_params(cfg, run_dir / "params.json")
+            atomic_write_text(run_dir / "table.md", _table(m))
+            atomic_write_json(run_dir / "metrics.json", m)
+    except BaseException:
+        if not existed: shutil.rmtree(run_dir, ignore_errors=True)       # a failed evaluation leaves no folder behind
+        raise
     return m
