@@ -51,15 +51,11 @@ class CLIP4Clip(RetrievalModel):
         "The model `cfg.model` describes, around a built CLIP backbone."
         return cls(clip, temporal_layers=cfg.model.temporal_layers)
 
-    def encode_text(self, tokens, word_mask) -> dict:
-        "The EOT feature (B, D)."
-        return dict(eot=self.clip.encode_text(tokens, word_mask)[1].float())
-
     def encode_video(self, frames, frame_mask) -> dict:
-        "Frame features (B, T, D) (after the temporal transformer for seqTransf) and their mask (B, T)."
-        f = self.clip.encode_frames(frames).float()                          # (B, T, D)
-        if self.temporal is not None: f, frame_mask = self.temporal(f, frame_mask)
-        return dict(frames=f, mask=frame_mask)
+        "Frame features (B, T, D) (after the temporal transformer for seqTransf) and their mask (B, T); texts: the EOT feature."
+        v = super().encode_video(frames, frame_mask)                          # CLIP's frame features (B, T, D)
+        if self.temporal is not None: v["frames"], v["mask"] = self.temporal(v["frames"], v["mask"])
+        return v
 
     def similarity(self, text:dict, video:dict) -> torch.Tensor:
         "Cosine (Nt, Nv) of every EOT feature with every video's mean frame embedding."

@@ -29,12 +29,12 @@ class RetrievalModel(nn.Module):
     arch: str = ""                                  # the registry name, set by each subclass
 
     def encode_text(self, tokens, word_mask) -> dict:
-        "Encoded texts: at least `eot` (B, D)."
-        raise NotImplementedError
+        "Encoded texts: at least `eot` (B, D). By default CLIP's (`self.clip`) projected end-of-text feature."
+        return dict(eot=self.clip.encode_text(tokens, word_mask)[1].float())
 
     def encode_video(self, frames, frame_mask) -> dict:
-        "Encoded videos: at least `frames` (B, T', D) and `mask` (B, T')."
-        raise NotImplementedError
+        "Encoded videos: at least `frames` (B, T', D) and `mask` (B, T'). By default CLIP's projected CLS of every frame."
+        return dict(frames=self.clip.encode_frames(frames).float(), mask=frame_mask)
 
     def similarity(self, text:dict, video:dict) -> torch.Tensor:
         "Similarity (Nt, Nv) of every encoded text with every encoded video."

@@ -120,13 +120,9 @@ class XPool(RetrievalModel):
         "The model `cfg.model` describes, around a built CLIP backbone."
         return cls(clip, dropout=cfg.model.xpool_dropout)
 
-    def encode_text(self, tokens, word_mask) -> dict:
-        "The EOT feature (B, D)."
-        return dict(eot=self.clip.encode_text(tokens, word_mask)[1].float())
+    # encode_text / encode_video: the contract's defaults, CLIP's EOT feature and its frame features (B, T, D);
+    # the pooling depends on the text, so it happens in `similarity`
 
-    def encode_video(self, frames, frame_mask) -> dict:
-        "CLIP's frame features (B, T, D) and their mask (B, T): the pooling depends on the text, so it happens in `similarity`."
-        return dict(frames=self.clip.encode_frames(frames).float(), mask=frame_mask)
 
     def similarity(self, text:dict, video:dict) -> torch.Tensor:
         "cos(t, v|t) (Nt, Nv): every text pools every video."
