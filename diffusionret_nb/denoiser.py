@@ -14,8 +14,9 @@ from torch import nn
 from .core import CheckpointError
 
 # %% auto #0
-__all__ = ['OFFICIAL_PREFIX', 'OFFICIAL_INNER', 'sinusoidal_embedding', 'QueryCandidateDenoiser', 'T2VDenoiser', 'V2TDenoiser',
-           'to_official', 'from_official', 'load_official']
+__all__ = ['OFFICIAL_PREFIX', 'OFFICIAL_INNER', 'OFFICIAL_PE', 'OFFICIAL_PE_LEN', 'OFFICIAL_PE_ATOL', 'sinusoidal_embedding',
+           'QueryCandidateDenoiser', 'T2VDenoiser', 'V2TDenoiser', 'official_pe', 'official_denoiser_shapes',
+           'check_layout', 'check_official_pe', 'to_official', 'from_official', 'load_official_denoisers']
 
 # %% ../nbs/21_denoiser.ipynb #43b9b512
 def sinusoidal_embedding(k:torch.Tensor, dim:int, base:float=10000.0) -> torch.Tensor:
@@ -209,36 +210,90 @@ class V2TDenoiser(_FastMixin, QueryCandidateDenoiser):
 
 # %% ../nbs/21_denoiser.ipynb #16cdb63c
 OFFICIAL_PREFIX = {"t2v.": "diffusion_model.", "v2t.": "diffusion_model_v."}
-OFFICIAL_INNER = {}   # workbook name inside a denoiser -> reference name (identity where absent)
+OFFICIAL_INNER = {                                      # workbook name inside a denoiser -> the reference's
+    **{f"time_embed.{i}.{p}": f"embed_timestep.time_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+    "w_q.weight": "q_proj.weight", "w_k.weight": "k_proj.weight", "w_v.weight": "v_proj.weight",
+    "w_o.weight": "proj.weight", "w_o.bias": "proj.bias",
+    **{f"decoder.{i}.{p}": f"decoder.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}}
+OFFICIAL_PE = ("sequence_pos_encoder.pe", "embed_timestep.sequence_pos_encoder.pe")   # sinusoidal buffers it saves
+OFFICIAL_PE_LEN = 5000                                  # rows of those tables
+OFFICIAL_PE_ATOL = 2e-3                                 # their tolerance (fp16 storage rounds by 5e-4)
+
+def official_pe(dim:int, length:int=OFFICIAL_PE_LEN) -> torch.Tensor:
+    "The reference's sinusoidal buffer `pe` (length, 1, dim): our `sinusoidal_embedding` of 0 … length−1."
+    return sinusoidal_embedding(torch.arange(length), dim)[:, None, :]
+
+def official_denoiser_shapes(dim:int) -> dict:
+    "Reference key -> shape of both denoisers of width `dim`, `pe` buffers included."
+    with torch.device("meta"): ref = QueryCandidateDenoiser(dim)
+    inner = {**{OFFICIAL_INNER[k]: tuple(v.shape) for k, v in ref.state_dict().items()},
+             **{pe: (OFFICIAL_PE_LEN, 1, dim) for pe in OFFICIAL_PE}}
+    return {pre + k: shape for pre in OFFICIAL_PREFIX.values() for k, shape in inner.items()}
+
+# %% ../nbs/21_denoiser.ipynb #5cca03d0
+def _listing(title:str, items:list, n:int=10) -> str:
+    more = f"\n    ... and {len(items) - n} more" if len(items) > n else ""
+    return f"  {len(items)} {title}:\n    " + "\n    ".join(items[:n]) + more
+
+def check_layout(found:dict, # name -> tensor (or shape)
+                 expected:dict, # name -> shape
+                 what:str,   # what `found` is, for the message
+                ):
+    "Raise a `CheckpointError` listing the mis-shaped, missing and unexpected keys of `found`."
+    shape = lambda v: tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+    wrong = [f"{k}: expected {tuple(expected[k])}, found {shape(v)}" for k, v in found.items()
+             if k in expected and shape(v) != tuple(expected[k])]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = [_listing(t, l) for t, l in (("wrong shapes", wrong), ("missing keys", missing), ("unexpected keys", unexpected)) if l]
+    if parts: raise CheckpointError(f"{what} does not match the expected layout:\n" + "\n".join(parts))
+
+def check_official_pe(key:str, pe:torch.Tensor, source:str="the checkpoint"):
+    "Raise a `CheckpointError` naming `source` and `key` when a saved `pe` table is not the sinusoidal table."
+    err = float((pe.detach().float().cpu() - official_pe(pe.shape[-1], pe.shape[0])).abs().max())
+    if not err <= OFFICIAL_PE_ATOL:   # NaN fails too
+        raise CheckpointError(f"{source}, {key}: the sinusoidal table differs from the reference's (max |difference| "
+                              f"{err:.3g} > {OFFICIAL_PE_ATOL}); the file is damaged or its timestep embedding is not DiffusionRet's")
+
+# %% ../nbs/21_denoiser.ipynb #4c3d938a
+def _dim(state:dict, keys:tuple, what:str) -> int:
+    "The denoiser width: rows of the first query projection found under `keys`."
+    k = next((k for k in keys if k in state), None)
+    if k is None: raise CheckpointError(f"{what} has no {' or '.join(keys)}: cannot tell the denoisers' width")
+    return int(state[k].shape[0])
 
 def to_official(state:dict) -> dict:
-    "Generator state dict (`t2v.*`, `v2t.*`) -> the reference layout (`diffusion_model.*`, `diffusion_model_v.*`)."
-    out = {}
+    "Generator state dict (`t2v.*`, `v2t.*`) -> the reference layout (`diffusion_model*.`), `pe` buffers included; strict."
+    out, unknown = {}, []
     for key, val in state.items():
         pre = next((p for p in OFFICIAL_PREFIX if key.startswith(p)), None)
-        if pre is None: raise CheckpointError(f"{key!r} is not a denoiser parameter (expected a key starting with t2v. or v2t.)")
-        inner = key[len(pre):]
-        out[OFFICIAL_PREFIX[pre] + OFFICIAL_INNER.get(inner, inner)] = val
+        if pre is None or key[len(pre):] not in OFFICIAL_INNER: unknown.append(key); continue
+        out[OFFICIAL_PREFIX[pre] + OFFICIAL_INNER[key[len(pre):]]] = val
+    if unknown: raise CheckpointError("the generator's state has keys without a reference name (expected t2v.* / v2t.* "
+                                      "denoiser parameters):\n" + _listing("unexpected keys", unknown))
+    dim = _dim(state, ("t2v.w_q.weight", "v2t.w_q.weight"), "the generator's state")
+    for theirs in OFFICIAL_PREFIX.values():
+        out.update({theirs + pe: official_pe(dim) for pe in OFFICIAL_PE})
+    check_layout(out, official_denoiser_shapes(dim), "the generator's state in the reference layout")
     return out
 
-def from_official(state:dict) -> dict:
-    "The denoiser entries of a reference state dict, renamed to the generator's keys (other entries ignored)."
-    inv, out = {v: k for k, v in OFFICIAL_INNER.items()}, {}
-    for key, val in state.items():
-        k = key[len("module."):] if key.startswith("module.") else key              # DDP-wrapped saves
-        for ours, theirs in OFFICIAL_PREFIX.items():
-            if k.startswith(theirs): out[ours + inv.get(k[len(theirs):], k[len(theirs):])] = val
+def from_official(state:dict, source:str="the checkpoint") -> dict:
+    "The `diffusion_model*.` entries of a reference state dict as generator keys (others ignored); strict, `pe` checked."
+    inv = {v: k for k, v in OFFICIAL_INNER.items()}
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}   # DDP-wrapped saves
+    mine = {k: v for k, v in sd.items() if k.startswith(tuple(OFFICIAL_PREFIX.values()))}
+    dim = _dim(mine, tuple(p + "q_proj.weight" for p in OFFICIAL_PREFIX.values()), source)
+    check_layout(mine, official_denoiser_shapes(dim), f"{source}'s denoisers (diffusion_model., diffusion_model_v.)")
+    out = {}
+    for ours, theirs in OFFICIAL_PREFIX.items():
+        for pe in OFFICIAL_PE: check_official_pe(theirs + pe, mine[theirs + pe], source)
+        out.update({ours + inv[k[len(theirs):]]: v for k, v in mine.items()
+                    if k.startswith(theirs) and k[len(theirs):] not in OFFICIAL_PE})
     return out
 
-def load_official(generator:nn.Module, state:dict) -> nn.Module:
-    "Load the denoisers of a reference-layout state dict into `generator`, strictly (names and shapes)."
-    mine, theirs = generator.state_dict(), from_official(state)
-    missing = sorted(set(mine) - set(theirs)); unexpected = sorted(set(theirs) - set(mine))
-    shapes = sorted(k for k in set(mine) & set(theirs) if tuple(mine[k].shape) != tuple(theirs[k].shape))
-    if missing or unexpected or shapes:
-        ex = lambda ks: [to_official({k: 0}).popitem()[0] for k in ks[:5]]
-        raise CheckpointError(f"the checkpoint's denoisers do not match this model: missing {ex(missing)}"
-                              f"{' …' if len(missing) > 5 else ''} ({len(missing)}), unexpected {ex(unexpected)} ({len(unexpected)}), "
-                              f"wrong shape {[(k, tuple(mine[k].shape), tuple(theirs[k].shape)) for k in shapes[:3]]}")
+def load_official_denoisers(generator:nn.Module, state:dict) -> nn.Module:
+    "Load the denoisers of a reference-layout state dict into `generator`, strictly (names, shapes, `pe` tables)."
+    theirs = from_official(state)
+    check_layout(theirs, {k: v.shape for k, v in generator.state_dict().items()}, "the checkpoint's denoisers (in our names)")
     generator.load_state_dict(theirs, strict=True)
     return generator

@@ -5,27 +5,32 @@
 # %% ../nbs/10_encoders.ipynb #4aa454c4
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'gallery_similarity_fast']
+__all__ = ['TEMPORAL_LN_EPS', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
+TEMPORAL_LN_EPS = 1e-12   # the reference's TF-style LayerNorm in the temporal blocks (CLIP's own: 1e-5)
+
 class TemporalTransformer(nn.Module):
     "Frame features (B, T, D) + mask (B, T) -> contextualised frame features (B, T, D), same mask."
-    def __init__(self, width:int, layers:int=4, heads:int=8, n_positions:int=77, quick_gelu:bool=True):
+    def __init__(self, width:int, layers:int=4, heads:int=8, n_positions:int=77, quick_gelu:bool=True,
+                 ln_eps:float=TEMPORAL_LN_EPS, # eps of ln_1/ln_2 in every block (reference 1e-12)
+                ):
         super().__init__()
         self.heads, self.n_positions = heads, n_positions
         self.frame_position_embeddings = nn.Embedding(n_positions, width)
-        act = QuickGELU if quick_gelu else nn.GELU
-        self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act_layer=act) for _ in range(layers)])
+        act, norm = QuickGELU if quick_gelu else nn.GELU, functools.partial(LayerNorm, eps=ln_eps)
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act_layer=act, norm_layer=norm) for _ in range(layers)])
 
     @classmethod
     def from_clip(cls, backbone, layers:int=4):

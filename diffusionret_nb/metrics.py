@@ -11,8 +11,8 @@ import torch
 from .core import DiffRetError
 
 # %% auto #0
-__all__ = ['KS', 'positive_ranks', 'metrics_from_ranks', 'retrieval_metrics', 'both_directions', 'multi_caption_sim_v2t',
-           'multi_caption_metrics', 'chance_recall', 'format_table']
+__all__ = ['KS', 'MEDIANS', 'positive_ranks', 'median_rank', 'metrics_from_ranks', 'retrieval_metrics', 'both_directions',
+           'multi_caption_sim_v2t', 'multi_caption_metrics', 'chance_recall', 'format_table']
 
 # %% ../nbs/50_metrics.ipynb #6587b218
 KS = (1, 5, 10, 50)
@@ -37,12 +37,22 @@ def positive_ranks(sim, positives=None) -> np.ndarray:
     return (sim >= pos_score).sum(1) - 1
 
 # %% ../nbs/50_metrics.ipynb #bc0acf6b
-def metrics_from_ranks(ranks) -> dict:
-    "R@1/5/10/50 (%), MdR, MnR (rank + 1) and Rsum from 0-based ranks."
+MEDIANS = ("midpoint", "lower")   # np.median (mean of the two middle ranks) | torch.median (the lower one)
+
+def median_rank(ranks, median:str="midpoint") -> float:
+    "MdR = median of 0-based `ranks` + 1; 'midpoint' (np.median) or 'lower' (torch.median: the lower middle value)."
+    r = np.sort(np.asarray(ranks, dtype=np.float64).reshape(-1))
+    if r.size == 0: raise DiffRetError("no queries to evaluate")
+    if median == "midpoint": return float(np.median(r) + 1)
+    if median == "lower": return float(r[(r.size - 1) // 2] + 1)
+    raise DiffRetError(f"median must be one of {list(MEDIANS)}, got {median!r}")
+
+def metrics_from_ranks(ranks, median:str="midpoint") -> dict:
+    "R@1/5/10/50 (%), MdR (`median_rank`), MnR (rank + 1) and Rsum from 0-based ranks."
     r = np.asarray(ranks, dtype=np.float64)
     if r.size == 0: raise DiffRetError("no queries to evaluate")
     m = {f"R@{k}": float(100.0 * (r < k).mean()) for k in KS}
-    m["MdR"] = float(np.floor(np.median(r)) + 1)
+    m["MdR"] = median_rank(r, median)
     m["MnR"] = float(r.mean() + 1)
     m["Rsum"] = m["R@1"] + m["R@5"] + m["R@10"]
     return m
@@ -72,10 +82,11 @@ def multi_caption_sim_v2t(sim, caption_video) -> np.ndarray:
     if np.isinf(out).all(1).any(): raise DiffRetError(f"{int(np.isinf(out).all(1).sum())} videos have no caption")
     return out.T
 
-def multi_caption_metrics(sim, caption_video) -> dict:
+def multi_caption_metrics(sim, caption_video, multi_sentence:bool=None) -> dict:
     "T2V (every caption a query) and V2T (best caption per video) metrics of a captions × videos matrix."
     cv = np.asarray(caption_video)
-    t2v = metrics_from_ranks(positive_ranks(sim, positives=cv))
+    if multi_sentence is None: multi_sentence = len(np.unique(cv)) < len(cv)       # some video has several captions
+    t2v = metrics_from_ranks(positive_ranks(sim, positives=cv), median="lower" if multi_sentence else "midpoint")
     v2t = retrieval_metrics(multi_caption_sim_v2t(sim, cv))
     return {"t2v": t2v, "v2t": v2t}
 

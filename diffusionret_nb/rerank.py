@@ -105,7 +105,7 @@ def rerank(gen, sim:torch.Tensor, text:dict, video:dict, *, topk:int=32, steps:i
                 prep = lambda sl: den.prepare(frames[sl], fmask[sl], bank, idx[sl])
                 ref = lambda sl, x, t: den.forward_reference(frames[sl], fmask[sl], eot, idx[sl], x, t)
             x0 = _sample_direction(den, smp, len(s), prep, ref, x_start, z, chunk, reference)
-            out[d] = s.clone().scatter_add_(1, idx.cpu(), alpha * torch.softmax(x0.cpu() / temp, dim=-1))
+            out[d] = s.clone().scatter_add_(1, idx.cpu(), alpha * torch.softmax(x0.cpu() * temp, dim=-1))
     finally: gen.train(was)
     return out
 

@@ -1,12 +1,15 @@
 """The two denoisers: parameter count, the fast form against the literal one (values and gradients, in
 training and in sampling use), the pieces of Eqs. 4-6, and the strict converter to and from the
 reference checkpoint layout."""
+import re
+
+import numpy as np
 import pytest
 import torch
 
 from diffusionret_nb.core import CheckpointError
 from diffusionret_nb.denoiser import (OFFICIAL_PREFIX, QueryCandidateDenoiser, T2VDenoiser, V2TDenoiser, from_official,
-                                      load_official, sinusoidal_embedding, to_official)
+                                      load_official_denoisers, sinusoidal_embedding, to_official)
 from diffusionret_nb.generator import Stage2Generator
 
 
@@ -109,21 +112,77 @@ def test_noisy_distribution_enters_attention_as_bias():
         torch.testing.assert_close(den.forward_reference(c, frames, fm, idx, big, 3), expect, rtol=1e-4, atol=1e-5)
 
 
-def test_converter_round_trip_and_strict_loading():
+REFERENCE_INNER = {   # the reference's names and shapes inside diffusion_model. / diffusion_model_v. (D = 512)
+    "q_proj.weight": (512, 512), "k_proj.weight": (512, 512), "v_proj.weight": (512, 512),
+    "proj.weight": (512, 512), "proj.bias": (512,),
+    "sequence_pos_encoder.pe": (5000, 1, 512), "embed_timestep.sequence_pos_encoder.pe": (5000, 1, 512),
+    "embed_timestep.time_embed.0.weight": (512, 512), "embed_timestep.time_embed.0.bias": (512,),
+    "embed_timestep.time_embed.2.weight": (512, 512), "embed_timestep.time_embed.2.bias": (512,),
+    "decoder.0.weight": (1024, 1024), "decoder.0.bias": (1024,), "decoder.2.weight": (1, 1024), "decoder.2.bias": (1,)}
+
+
+def _reference_pe(length=5000, d=512):
+    "The reference's sinusoidal buffer, written out: sin on even, cos on odd dims, (length, 1, d)."
+    pos = torch.arange(length, dtype=torch.float).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2).float() * (-np.log(10000.0) / d))
+    pe = torch.zeros(length, d)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    return pe.unsqueeze(0).transpose(0, 1)
+
+
+@pytest.fixture(scope="module")
+def official512():
     torch.manual_seed(6)
-    a, b = Stage2Generator(D), Stage2Generator(D)
-    official = {"clip.visual.conv1.weight": torch.zeros(1), **{f"module.{k}": v for k, v in to_official(a.state_dict()).items()}}
-    assert all(k.startswith(tuple(OFFICIAL_PREFIX.values())) for k in to_official(a.state_dict()))
-    assert set(from_official(official)) == set(a.state_dict())
-    load_official(b, official)
-    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    short = {k: v for k, v in official.items() if not k.endswith("diffusion_model.time_embed.0.weight")}
-    with pytest.raises(CheckpointError, match="missing"):
-        load_official(b, short)
-    with pytest.raises(CheckpointError, match="wrong shape"):
-        load_official(Stage2Generator(32), official)
-    with pytest.raises(CheckpointError, match="not a denoiser parameter"):
-        to_official({"clip.x": torch.zeros(1)})
+    gen = Stage2Generator(512)
+    return gen, to_official(gen.state_dict())
+
+
+def test_to_official_writes_the_reference_layout(official512):
+    gen, off = official512
+    want = {pre + k: shape for pre in ("diffusion_model.", "diffusion_model_v.") for k, shape in REFERENCE_INNER.items()}
+    assert {k: tuple(v.shape) for k, v in off.items()} == want
+    for k in [k for k in off if k.endswith(".pe")]:
+        torch.testing.assert_close(off[k], _reference_pe(), rtol=0, atol=1e-5)
+    assert torch.equal(off["diffusion_model_v.proj.bias"], gen.v2t.w_o.bias)
+    assert torch.equal(off["diffusion_model.embed_timestep.time_embed.2.weight"], gen.t2v.time_embed[2].weight)
+
+
+def test_reference_layout_loads_strictly(official512):
+    gen, off = official512
+    other = Stage2Generator(512)
+    full = {"module.clip.visual.conv1.weight": torch.zeros(1), **{f"module.{k}": v.half() for k, v in off.items()}}
+    full["module.diffusion_model.sequence_pos_encoder.pe"] = _reference_pe().half()   # as the reference saves it, in fp16
+    load_official_denoisers(other, full)
+    assert all(torch.equal(gen.state_dict()[k].half().float(), other.state_dict()[k]) for k in gen.state_dict())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda o: o.pop("diffusion_model.embed_timestep.time_embed.0.weight"), "missing keys:\n    diffusion_model.embed_timestep.time_embed.0.weight"),
+    (lambda o: o.pop("diffusion_model_v.sequence_pos_encoder.pe"), "missing keys:\n    diffusion_model_v.sequence_pos_encoder.pe"),
+    (lambda o: o.update({"diffusion_model.extra.weight": torch.zeros(1)}), "unexpected keys:\n    diffusion_model.extra.weight"),
+    (lambda o: o.update({"diffusion_model.decoder.2.weight": torch.zeros(2, 1024)}), "diffusion_model.decoder.2.weight: expected (1, 1024)"),
+    (lambda o: o.update({"diffusion_model_v.embed_timestep.sequence_pos_encoder.pe": torch.zeros(5000, 1, 512)}),
+     "diffusion_model_v.embed_timestep.sequence_pos_encoder.pe: the sinusoidal table"),
+    (lambda o: o.update({"diffusion_model.sequence_pos_encoder.pe": _reference_pe(d=512).roll(1, 0)}),
+     "diffusion_model.sequence_pos_encoder.pe: the sinusoidal table"),
+], ids=["missing", "missing-pe", "extra", "shape", "pe-zeros", "pe-shifted"])
+def test_reference_layout_errors(official512, change, message):
+    _, off = official512
+    bad = dict(off); change(bad)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_official_denoisers(Stage2Generator(512), bad)
+
+
+def test_converter_refusals():
+    a = Stage2Generator(D)
+    with pytest.raises(CheckpointError, match="t2v.w_q.weight: expected"):
+        load_official_denoisers(a, to_official(Stage2Generator(32).state_dict()))
+    with pytest.raises(CheckpointError, match="unexpected keys:\n    clip.x"):
+        to_official({"clip.x": torch.zeros(1), **a.state_dict()})
+    with pytest.raises(CheckpointError, match="diffusion_model_v.proj.bias"):
+        to_official({k: v for k, v in a.state_dict().items() if k != "v2t.w_o.bias"})
+    assert set(OFFICIAL_PREFIX.values()) == {"diffusion_model.", "diffusion_model_v."}
+    assert set(from_official(to_official(a.state_dict()))) == set(a.state_dict())
 
 
 def test_generator_state_dict_has_denoisers_only():

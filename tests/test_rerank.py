@@ -62,6 +62,19 @@ def test_only_topk_entries_change_by_alpha_softmax(setup):
         assert ((r[d] - base)[top] > 0).all()
 
 
+def test_temperature_multiplies_x0(setup):
+    """The reference adds alpha·softmax(x̂0·temp): with the same seed (same x̂0) and p = softmax(x̂0) read off temp = 1,
+    temp = 2 must add alpha·p²/Σp² (x̂0/temp would add alpha·√p/Σ√p)."""
+    gen, _, text, video, S = setup
+    kw = dict(topk=8, steps=20, seed=5, alpha=0.5)
+    one, two = rerank(gen, S, text, video, temp=1.0, **kw), rerank(gen, S, text, video, temp=2.0, **kw)
+    for d, base in (("t2v", S), ("v2t", S.t())):
+        idx = base.topk(8, 1).indices
+        p = (one[d] - base).gather(1, idx) / 0.5                              # softmax(x̂0)
+        added = (two[d] - base).gather(1, idx)
+        torch.testing.assert_close(added, 0.5 * p ** 2 / (p ** 2).sum(1, keepdim=True), rtol=1e-4, atol=1e-6)
+
+
 def test_seeded_and_deterministic(setup):
     gen, _, text, video, S = setup
     a, b = rerank(gen, S, text, video, topk=8, steps=20, seed=1), rerank(gen, S, text, video, topk=8, steps=20, seed=1)
