@@ -51,7 +51,7 @@ def check_inputs(cfg:RunConfig):
         raise CheckpointError(f"CLIP weights not found: {cfg.model.pretrained} (parameter pretrained)")
     resolve_device(cfg.train.device)
 
-# %% ../nbs/60_pipeline.ipynb #e8323587
+# %% ../nbs/60_pipeline.ipynb #ebf6d0f1
 def check_missing(n_skipped:int, n_videos:int, cfg:RunConfig):
     "A `DataError` when more of a split's videos were unreadable than `max_missing_videos` allows."
     allowed = cfg.data.max_missing_videos
@@ -192,18 +192,21 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=_selected(learn, cfg))
     if learn: m["train"] = _train_info(learn)
     history = dict(steps=learn.history if learn else [], evals=getattr(learn, "evals", []))
+    eval_seconds = time.time() - t1
     if do2:
         learn2, gen = run_stage2(cfg, model, run_dir, device, progress)
+        t2 = time.time()
         m = dict(with_stage2(m, g, gen, cfg, device), selected=_selected(learn2, cfg), train=_train_info(learn2))
+        eval_seconds += time.time() - t2                    # the test evaluation, not stage 2's training
         history["stage2"] = dict(steps=learn2.history, evals=getattr(learn2, "evals", []))
-    m["eval_seconds"] = round(time.time() - t1, 2)
+    m["eval_seconds"] = round(eval_seconds, 2)
     if untrained: m["untrained"] = untrained
     atomic_write_json(run_dir / "history.json", history)
     atomic_write_text(run_dir / "table.md", _table(m))
     atomic_write_json(run_dir / "metrics.json", m)
     return m
 
-# %% ../nbs/60_pipeline.ipynb #52a922ce
+# %% ../nbs/60_pipeline.ipynb #6870efe3
 EVAL_OVERRIDABLE = ({f.name for f in fields(DataConfig) if f.name not in ("train_list", "twin_batches", "train_split")}
                     | {f.name for f in fields(SyntheticConfig)} | {f.name for f in fields(EvalConfig)}
                     | {"device", "rerank_topk", "rerank_alpha", "rerank_temp", "rerank_seed", "rerank_n_seeds", "diff_eval_steps",
@@ -228,7 +231,7 @@ def locate_checkpoints(path) -> dict:
         return dict(stage1=s1, stage2=s2 if s2.is_file() else None, official=None)
     ck = read_checkpoint(path)
     from diffusionret_nb.official import is_official
-    if is_official(ck): return dict(stage1=None, stage2=None, official=path)
+    if is_official(ck): return dict(stage1=None, stage2=None, official=path, state=ck)      # read once: it is large
     if checkpoint_info(ck, path)["stage"] == 1: return dict(stage1=path, stage2=None, official=None)
     s1 = path.parent.parent / "best.pt"                       # <run>/checkpoints/stage2/best.pt -> <run>/checkpoints/best.pt
     if not s1.is_file():
@@ -243,7 +246,7 @@ def _eval_models(src:dict, overrides:dict) -> tuple:
         stored = build_config(**{"preset": "vitb32", "stage2": True, **{k: v for k, v in overrides.items() if k in ("preset",)}})
         check_eval_overrides(stored, {k: v for k, v in overrides.items() if k != "preset"}, "a reference DiffusionRet model")
         cfg = build_config(**{**stored.flat(), **overrides})
-        s1, gen = load_official(src["official"], cfg)
+        s1, gen = load_official(src["official"], cfg, state_dict=src.get("state"))
         return cfg, s1, gen
     stored = checkpoint_info(read_checkpoint(src["stage1"]), src["stage1"])["cfg"]
     check_eval_overrides(stored, overrides)
@@ -266,7 +269,7 @@ def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=
             g = ev.gallery(s1.to(device), progress)
             m = dict(ev.metrics(g, s1), split=cfg.data.test_split, model="stage 1")
             if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device)
-            m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None})
+            m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None and k != "state"})
             save_params(cfg, run_dir / "params.json")
             atomic_write_text(run_dir / "table.md", _table(m))
             atomic_write_json(run_dir / "metrics.json", m)

@@ -232,3 +232,18 @@ def test_stage2_resume_mid_epoch_is_exact(tmp_path, monkeypatch, capsys):
 def test_the_cli_and_config_load_without_torch():
     code = "import sys, diffusionret_nb.cli, diffusionret_nb.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_of_a_reference_model_file(run, tmp_path):
+    "A file in the reference code's layout (here at tiny shapes, made from the run's weights) is converted and re-ranked."
+    from diffusionret_nb.official import project_to_official
+    from diffusionret_nb.registry import load_model
+    d, m = run
+    s1, _ = load_model(d / "checkpoints" / "best.pt", stage=1)
+    gen, _ = load_model(d / "checkpoints" / "stage2" / "best.pt", stage=2)
+    torch.save({f"module.{k}": v for k, v in project_to_official(s1, gen).items()}, tmp_path / "pytorch_model.bin.4")
+    over = {k: TINY[k] for k in ("syn_n_train", "syn_n_val", "syn_n_test", "n_frames", "rerank_topk", "diff_eval_steps")}
+    e = pipeline.evaluate_checkpoint(tmp_path / "pytorch_model.bin.4", tmp_path / "eval", dict(over, preset="tiny"), progress=False)
+    assert e["model"] == "stage 2" and e["stage1"]["t2v"] == m["stage1"]["t2v"] and e["n_queries"] == 24
+    with pytest.raises(ConfigError, match="temporal='mean': cannot apply to a reference DiffusionRet model"):
+        pipeline.evaluate_checkpoint(tmp_path / "pytorch_model.bin.4", tmp_path / "e2", dict(over, preset="tiny", temporal="mean"))
