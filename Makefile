@@ -1,5 +1,6 @@
 # diffusionret_nb: `make demo` and `make test` each create .venv when missing, install, and run.
 PYTHON ?= python3
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed

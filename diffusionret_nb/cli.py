@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def cmd_eval(args):
 # %% ../nbs/70_cli.ipynb #fa05fcba
 def main(argv=None) -> int:
     "Entry point of `diffret`; returns the exit status (2: bad input, 1: the run failed, 130: interrupted)."
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # before torch loads (here and in the kernels it starts): see below
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["prepare"], ["verify"]):                 # own argument parsers (diffusionret_nb.prepare)
         from diffusionret_nb.prepare import prepare_main, verify_main

@@ -16,7 +16,9 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to_lp
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from open_clip.tokenizer import SimpleTokenizer
+import torch.nn.functional as F
 from torch import nn
 
 from .core import CheckpointError, ConfigError, atomic_torch_save
@@ -25,7 +27,7 @@ from .config import load_preset
 # %% auto #0
 __all__ = ['PROJECT_FORMAT', 'OPENAI_META_KEYS', 'tokenize', 'text_attn_mask', 'check_preset', 'CLIPBackbone', 'WeightsInfo',
            'read_weights', 'to_clip_layout', 'check_state_dict', 'check_provenance', 'load_weights', 'save_clip',
-           'openai_style_archive', 'create_clip']
+           'openai_style_archive', 'create_clip', 'LeanQuickGELU', 'LeanAttentionBlock', 'speed_up']
 
 # %% ../nbs/01_clip.ipynb #0feac88f
 @functools.lru_cache(maxsize=1)
@@ -335,3 +337,46 @@ def create_clip(preset="vitb32", # a preset name (diffusionret_nb/presets/*.json
         sd, info = _openai_weights(p, label) if pretrained == "openai" else read_weights(pretrained)
         load_weights(clip, sd, info, p["arch"], label)
     return CLIPBackbone(clip, p)
+
+# %% ../nbs/01_clip.ipynb #c2d6ed23
+class _QuickGELUFn(torch.autograd.Function):
+    "x·σ(1.702x) with the kernels autograd runs, in the same order, but fewer temporaries."
+    @staticmethod
+    def forward(ctx, x):
+        s = torch.sigmoid_(x * 1.702)
+        ctx.save_for_backward(x, s)
+        return x * s
+    @staticmethod
+    def backward(ctx, g):
+        x, s = ctx.saved_tensors
+        gz = g * x                                                            # d/ds
+        torch.ops.aten.sigmoid_backward.grad_input(gz, s, grad_input=gz)     # d/dz, in place
+        return (g * s).add_(gz.mul_(1.702))
+
+class LeanQuickGELU(QuickGELU):
+    "QuickGELU whose training backward keeps fewer temporaries (same values)."
+    def forward(self, x): return _QuickGELUFn.apply(x) if torch.is_grad_enabled() and x.requires_grad else super().forward(x)
+
+class LeanAttentionBlock(ResidualAttentionBlock):
+    "Self-attention while training without nn.MultiheadAttention's packing copies; same row order, same kernels."
+    def attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        a = self.attn
+        if not (self.training and k_x is None and v_x is None and a.batch_first and a._qkv_same_embed_dim
+                and a.in_proj_bias is not None and a.bias_k is None and not a.add_zero_attn and (a.dropout == 0)):
+            return super().attention(q_x, k_x, v_x, attn_mask)
+        B, L, E = q_x.shape; H = a.num_heads
+        qkv = F.linear(q_x.transpose(0, 1), a.in_proj_weight, a.in_proj_bias)            # (L, B, 3E), rows as in torch's MHA
+        q, k, v = qkv.view(L, B, 3, H, E // H).permute(2, 1, 3, 0, 4).unbind(0)        # 3 × (B, H, L, E/H) views
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q_x.dtype)
+            if attn_mask.dim() == 3: attn_mask = attn_mask.view(B, H, L, L)              # (B*H, L, L) as torch's MHA reads it
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)                 # (B, H, L, E/H)
+        o = F.linear(o.permute(2, 0, 1, 3).reshape(L * B, E), a.out_proj.weight, a.out_proj.bias)
+        return o.view(L, B, E).transpose(0, 1)
+
+def speed_up(model:nn.Module) -> nn.Module:
+    "Swap, in place, every open_clip ResidualAttentionBlock and QuickGELU of `model` for the lean ones; returns `model`."
+    for m in model.modules():
+        if type(m) is ResidualAttentionBlock: m.__class__ = LeanAttentionBlock
+        elif type(m) is QuickGELU: m.__class__ = LeanQuickGELU
+    return model

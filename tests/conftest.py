@@ -11,6 +11,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as `diffret` does: idle torch threads must not spin against other processes
 sys.path.insert(0, str(HERE / "netguard"))
 import sitecustomize  # noqa: E402,F401  (installs the guard in this process)
 

@@ -119,7 +119,7 @@ def test_bad_parameters_exit_nonzero_without_traceback(args, needle):
 def test_failed_run_leaves_notebook_and_error_not_metrics(tmp_path, capsys):
     "Valid parameters that fail inside the notebook (a batch larger than the 16 training pairs)."
     rc = main(["demo", "--out", str(tmp_path), "--name", "broken", "--quiet",
-               "-p", "syn_n_train=4", "-p", "syn_n_val=4", "-p", "syn_n_test=4", "-p", "batch_size=32"])
+               "-p", "syn_n_train=4", "-p", "syn_n_val=4", "-p", "syn_n_test=4", "-p", "batch_size=32", "-p", "rerank_topk=2"])
     run = tmp_path / "broken"
     assert rc == 1
     assert (run / "executed.ipynb").exists() and (run / "error.txt").exists() and not (run / "metrics.json").exists()
