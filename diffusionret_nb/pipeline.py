@@ -26,8 +26,8 @@ from .training import (CaptionPairs, check_stage2_config, stage_plan, train_stag
 
 # %% auto #0
 __all__ = ['EVAL_OVERRIDABLE', 'absolute_paths', 'check_inputs', 'check_missing', 'SplitEvaluator', 'rerank_evaluator',
-           'encode_bank', 'run_stage2', 'with_stage2', 'check_rerank_topk', 'train_eval', 'check_eval_overrides',
-           'locate_checkpoints', 'evaluate_checkpoint']
+           'encode_bank', 'run_stage2', 'with_stage2', 'check_rerank_topk', 'check_stages', 'train_eval',
+           'check_eval_overrides', 'locate_checkpoints', 'evaluate_checkpoint']
 
 # %% ../nbs/60_pipeline.ipynb #7f9df59f
 _PATH_KEYS = ("data_root", "frame_cache_dir", "checkpoint")
@@ -51,7 +51,7 @@ def check_inputs(cfg:RunConfig):
         raise CheckpointError(f"CLIP weights not found: {cfg.model.pretrained} (parameter pretrained)")
     resolve_device(cfg.train.device)
 
-# %% ../nbs/60_pipeline.ipynb #ebf6d0f1
+# %% ../nbs/60_pipeline.ipynb #715eb8c6
 def check_missing(n_skipped:int, n_videos:int, cfg:RunConfig):
     "A `DataError` when more of a split's videos were unreadable than `max_missing_videos` allows."
     allowed = cfg.data.max_missing_videos
@@ -174,15 +174,20 @@ def check_rerank_topk(cfg:RunConfig):
         raise ConfigError(f"rerank_topk={cfg.diffusion.rerank_topk} exceeds the validation gallery ({n_texts} texts × {len(recs)} "
                           f"videos in split {split!r}); lower rerank_topk")
 
+def check_stages(cfg:RunConfig):
+    "When the run trains stage 2: its settings and `rerank_topk` against the validation gallery (a resolved config)."
+    if stage_plan(cfg)[1]: check_stage2_config(cfg); check_rerank_topk(cfg)
+
 def train_eval(cfg:RunConfig, run_dir, progress:bool=True) -> dict:
     "Train stage 1 and, when asked, stage 2 (resuming when interrupted); evaluate the selected models on the test split; write the run folder."
     with run_lock(run_dir): return _train_eval(cfg, Path(run_dir), progress)
 
 def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     check_inputs(cfg); cfg = resolve_config(cfg)
-    if stage_plan(cfg)[1]: check_stage2_config(cfg); check_rerank_topk(cfg)       # fail before stage 1 trains
+    do1, do2 = stage_plan(cfg)
+    check_stages(cfg)                                                          # fail before stage 1 trains
     save_params(cfg, run_dir / "params.json")
-    device, do1, do2 = resolve_device(cfg.train.device), *stage_plan(cfg)
+    device = resolve_device(cfg.train.device)
     evaluate = SplitEvaluator(cfg, load_records(cfg, cfg.data.test_split), device, final=True)
     untrained = _untrained(cfg, evaluate, device) if cfg.eval.eval_untrained else None
     if do1: learn, model = train_stage1(cfg, run_dir, _validator(cfg, device), progress)
@@ -206,7 +211,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     atomic_write_json(run_dir / "metrics.json", m)
     return m
 
-# %% ../nbs/60_pipeline.ipynb #6870efe3
+# %% ../nbs/60_pipeline.ipynb #b8e23b27
 EVAL_OVERRIDABLE = ({f.name for f in fields(DataConfig) if f.name not in ("train_list", "twin_batches", "train_split")}
                     | {f.name for f in fields(SyntheticConfig)} | {f.name for f in fields(EvalConfig)}
                     | {"device", "rerank_topk", "rerank_alpha", "rerank_temp", "rerank_seed", "rerank_n_seeds", "diff_eval_steps",
@@ -243,7 +248,7 @@ def _eval_models(src:dict, overrides:dict) -> tuple:
     "(config, stage-1 model, generator or None) of located checkpoints with `overrides` checked and applied."
     if src["official"] is not None:
         from diffusionret_nb.official import load_official
-        stored = build_config(**{"preset": "vitb32", "stage2": True, **{k: v for k, v in overrides.items() if k in ("preset",)}})
+        stored = build_config(preset=overrides.get("preset", "vitb32"), stage2=True)      # the file holds no config
         check_eval_overrides(stored, {k: v for k, v in overrides.items() if k != "preset"}, "a reference DiffusionRet model")
         cfg = build_config(**{**stored.flat(), **overrides})
         s1, gen = load_official(src["official"], cfg, state_dict=src.get("state"))
