@@ -336,10 +336,10 @@ class CheckpointCB(Callback):
     def after_epoch(self): self.save()
     def after_cancel_fit(self): self.save()       # stopped by max_steps (or a callback) inside an epoch: keep that state
 
-def resume(learn:Learner, path, verbose:bool=True) -> Learner:
-    "Restore `learn` (weights, optimiser, EMA, position, RNG, history, best) from a `last.pt`."
+def resume(learn:Learner, path, verbose:bool=True, state:dict=None) -> Learner:
+    "Restore `learn` (weights, optimiser, EMA, position, RNG, history, best) from a `last.pt` (or its `state`, already read)."
     path = Path(path)
-    try: st = torch.load(path, map_location="cpu", weights_only=True)
+    try: st = state if state is not None else torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError: raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:
         raise CheckpointError(f"cannot resume from {path}: it is damaged or from an older version of the workbook "

@@ -51,7 +51,7 @@ def check_inputs(cfg:RunConfig):
         raise CheckpointError(f"CLIP weights not found: {cfg.model.pretrained} (parameter pretrained)")
     resolve_device(cfg.train.device)
 
-# %% ../nbs/60_pipeline.ipynb #715eb8c6
+# %% ../nbs/60_pipeline.ipynb #8727a303
 def check_missing(n_skipped:int, n_videos:int, cfg:RunConfig):
     "A `DataError` when more of a split's videos were unreadable than `max_missing_videos` allows."
     allowed = cfg.data.max_missing_videos
@@ -211,7 +211,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     atomic_write_json(run_dir / "metrics.json", m)
     return m
 
-# %% ../nbs/60_pipeline.ipynb #b8e23b27
+# %% ../nbs/60_pipeline.ipynb #09037b2b
 EVAL_OVERRIDABLE = ({f.name for f in fields(DataConfig) if f.name not in ("train_list", "twin_batches", "train_split")}
                     | {f.name for f in fields(SyntheticConfig)} | {f.name for f in fields(EvalConfig)}
                     | {"device", "rerank_topk", "rerank_alpha", "rerank_temp", "rerank_seed", "rerank_n_seeds", "diff_eval_steps",
@@ -237,7 +237,7 @@ def locate_checkpoints(path) -> dict:
     ck = read_checkpoint(path)
     from diffusionret_nb.official import is_official
     if is_official(ck): return dict(stage1=None, stage2=None, official=path, state=ck)      # read once: it is large
-    if checkpoint_info(ck, path)["stage"] == 1: return dict(stage1=path, stage2=None, official=None)
+    if checkpoint_info(ck, path)["stage"] == 1: return dict(stage1=path, stage2=None, official=None, state=ck)
     s1 = path.parent.parent / "best.pt"                       # <run>/checkpoints/stage2/best.pt -> <run>/checkpoints/best.pt
     if not s1.is_file():
         raise CheckpointError(f"{path} is a stage-2 (generator) checkpoint, and its stage-1 weights are not at {s1}; "
@@ -253,10 +253,11 @@ def _eval_models(src:dict, overrides:dict) -> tuple:
         cfg = build_config(**{**stored.flat(), **overrides})
         s1, gen = load_official(src["official"], cfg, state_dict=src.get("state"))
         return cfg, s1, gen
-    stored = checkpoint_info(read_checkpoint(src["stage1"]), src["stage1"])["cfg"]
+    ck = src.get("state") or read_checkpoint(src["stage1"])                 # each file is read once
+    stored = checkpoint_info(ck, src["stage1"])["cfg"]
     check_eval_overrides(stored, overrides)
     cfg = build_config(**{**stored.flat(), **overrides})
-    s1 = load_model(src["stage1"], cfg, stage=1)[0]
+    s1 = load_model(src["stage1"], cfg, stage=1, ck=ck)[0]
     gen = load_model(src["stage2"], cfg, stage=2)[0] if src["stage2"] is not None else None
     return cfg, s1, gen
 
