@@ -20,7 +20,7 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
-    package_data={cfg["lib_path"]: ["presets/*.json", "presets/open_clip/*.json", "paramsets/*.json", "templates/*.ipynb"]},
+    package_data={cfg["lib_path"]: ["presets/*.json", "presets/open_clip/*.json", "paramsets/*.json", "papers/*.csv", "papers/*.md", "templates/*.ipynb"]},
     include_package_data=True,
     install_requires=reqs,
     entry_points={"console_scripts": cfg["console_scripts"].split(),

@@ -19,17 +19,18 @@ import numpy as np
 from .core import ConfigError, DataError
 from .config import RunConfig
 from .datasets import Adapter, VideoRecord, adapter
-from .synthetic import load_annotations, render_world
+from .synthetic import ARTICLES, COLOURS, SHAPES, caption, load_annotations, n_paraphrases, render_world, verb_phrases
 
 # %% auto #0
 __all__ = ['KIND_NAMES', 'SPLIT_BASE', 'CARDS', 'MSRVTT_LISTS', 'MSRVTT_LAYOUT', 'SAFE_PICKLE_NAMES', 'MSVD_HINT', 'LSMDC_FILES',
-           'ANET_FILES', 'ANET_FIELDS', 'CHARADES_FILES', 'FLICKR8K_FILES', 'FRAMES_FOLDER_FILES', 'ADAPTERS',
-           'twin_accuracy', 'synthetic_records', 'data_root', 'ann_file', 'read_text', 'read_json', 'read_lines',
-           'json_kind', 'check_value', 'check_fields', 'read_csv', 'check_split', 'video_index', 'video_finder',
-           'make_records', 'Card', 'add_card', 'msrvtt_records', 'restricted_load', 'msvd_records', 'lsmdc_records',
-           'paragraph', 'activitynet_records', 'didemo_records', 'vatex_records', 'charades_records',
-           'frames_folder_records', 'frames_folder_adapter', 'flickr8k_records', 'register_adapter', 'get_adapter',
-           'resolve_config', 'load_records']
+           'ANET_FILES', 'ANET_FIELDS', 'CHARADES_FILES', 'FLICKR8K_FILES', 'FRAMES_FOLDER_FILES', 'MULTI_CAPTIONS',
+           'NEXT', 'SYNTHETIC_ADAPTERS', 'ADAPTERS', 'twin_accuracy', 'synthetic_records', 'data_root', 'ann_file',
+           'read_text', 'read_json', 'read_lines', 'json_kind', 'check_value', 'check_fields', 'read_csv',
+           'check_split', 'video_index', 'video_finder', 'make_records', 'Card', 'add_card', 'msrvtt_records',
+           'restricted_load', 'msvd_records', 'lsmdc_records', 'paragraph', 'activitynet_records', 'didemo_records',
+           'vatex_records', 'charades_records', 'frames_folder_records', 'frames_folder_adapter', 'flickr8k_records',
+           'events_key', 'multi_captions', 'event_sentences', 'synthetic_multi_records', 'synthetic_paragraph_records',
+           'is_synthetic', 'register_adapter', 'get_adapter', 'resolve_config', 'load_records']
 
 # %% ../nbs/05_benchmarks.ipynb #54924b1f
 def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
@@ -42,31 +43,44 @@ def _synthetic_root(cfg:RunConfig, domain:str) -> Path:
                         n_test=s.syn_n_test, size=s.syn_size)
 
 def twin_accuracy(g, records:list, sim=None) -> dict:
-    "Synthetic world: % of test pairs where a clip beats its time-reversed twin (chance 50 %; ties lose)."
+    "Synthetic world: % of queries (T2V) and of clips (V2T) that prefer the right one of a time-reversed twin pair (chance 50 %; ties lose)."
     sim = (g.sim if sim is None else sim).float()
     col = {records[int(r)].video_id: c for c, r in enumerate(g.video_index)}
-    t2v, v2t = [], []
-    for i, c in enumerate(g.text_video):                       # query i is the caption of video column c
-        tw = col.get(records[int(g.video_index[c])].meta.get("twin_id"))
+    twin = lambda c: col.get(records[int(g.video_index[c])].meta.get("twin_id"))
+    rows = {}                                                   # gallery column -> its queries
+    for i, c in enumerate(g.text_video): rows.setdefault(int(c), []).append(i)
+    t2v, v2t, paired = [], [], 0
+    for c, qs in rows.items():
+        tw = twin(c)
         if tw is None: continue
-        t2v.append(bool(sim[i, c] > sim[i, tw]))                # the text prefers its video to the twin
-        j = np.flatnonzero(g.text_video == tw)
-        if len(j): v2t.append(bool(sim[i, c] > sim[j[0], c]))  # the video prefers its caption to the twin's
+        paired += 1
+        t2v += [bool(sim[i, c] > sim[i, tw]) for i in qs]      # each text prefers its video to the twin
+        if tw in rows:                                          # the video prefers its (best) caption to the twin's (best)
+            v2t.append(bool(sim[qs, c].max() > sim[rows[tw], c].max()))
     pct = lambda x: float(100.0 * np.mean(x)) if x else float("nan")
-    return {"twin_t2v": pct(t2v), "twin_v2t": pct(v2t), "n_twin_pairs": len(t2v) // 2}
+    return {"twin_t2v": pct(t2v), "twin_v2t": pct(v2t), "n_twin_pairs": paired // 2}
+
+def _synthetic_clips(cfg:RunConfig, split:str, fields:dict=None) -> tuple:
+    "(world folder, world seed, the annotation records of `split`'s clips, each checked to hold `fields`)."
+    s = cfg.synthetic
+    domain = (s.syn_test_domain or s.syn_domain) if split == cfg.data.test_split else s.syn_domain
+    root = _synthetic_root(cfg, domain)
+    ann = load_annotations(root)
+    fields = {"video_id": "integer", "video": "string", "captions": "strings", "split": "string", **(fields or {})}
+    clips = [check_fields(c, fields, root / "annotations.json", f"clips[{i}]") for i, c in enumerate(ann["clips"])]
+    seed = ann.get("seed", s.syn_seed)
+    return root, int(seed) if _is(seed, "integer") else s.syn_seed, [c for c in clips if c["split"] == split]
+
+def _synthetic_record(root:Path, c:dict, captions:list, **meta) -> VideoRecord:
+    return VideoRecord(int(c["video_id"]), str(root / c["video"]), list(captions), c["split"],
+                       meta={"twin_id": c.get("twin_id"), **meta})
 
 @adapter("synthetic", protocol="single", n_words=32, n_frames=8, splits=("train", "val", "test"),
                   diagnostics=twin_accuracy)
 def synthetic_records(cfg:RunConfig, split:str) -> list:
     "The embedded synthetic world (see 04_synthetic); renders it on first use."
-    s = cfg.synthetic
-    domain = (s.syn_test_domain or s.syn_domain) if split == cfg.data.test_split else s.syn_domain
-    root = _synthetic_root(cfg, domain)
-    ann, fields = load_annotations(root), {"video_id": "integer", "video": "string", "captions": "strings", "split": "string"}
-    clips = [check_fields(c, fields, root / "annotations.json", f"clips[{i}]") for i, c in enumerate(ann["clips"])]
-    return [VideoRecord(int(c["video_id"]), str(root / c["video"]), list(c["captions"]), c["split"],
-                        meta={"twin_id": c.get("twin_id")})
-            for c in clips if c["split"] == split]
+    root, _, clips = _synthetic_clips(cfg, split)
+    return [_synthetic_record(root, c, c["captions"]) for c in clips]
 
 # %% ../nbs/05_benchmarks.ipynb #e3b44459
 def data_root(cfg:RunConfig) -> Path:
@@ -507,9 +521,84 @@ add_card(Card("flickr8k", files={s: ["captions.txt", f] for s, f in FLICKR8K_FIL
                         "flickr8k-mini (first 1000 images)": {"train": 3765, "val": 565, "test": 625}}))
 add_card(Card("frames_folder", files={s: ["captions.csv", f] for s, f in FRAMES_FOLDER_FILES.items()}, counts={}, media="images"))
 
+# %% ../nbs/05_benchmarks.ipynb #7c3e9b41
+MULTI_CAPTIONS = 5                                  # captions per val/test clip of `synthetic_multi` (MSVD ~41, VATEX 10)
+NEXT = ("Next,", "Afterwards,", "Later,")           # how a paragraph's second sentence starts (no caption template uses these)
+
+def events_key(events:list, file="annotations.json", where:str="clip") -> tuple:
+    "The event description `((colour, shape, event), ...)` of a clip's `events` annotation (see `describe_events`)."
+    if not 1 <= len(events) <= 2: raise DataError(f"{file}: {where}.events should hold 1 or 2 events, got {len(events)}")
+    key = []
+    for i, e in enumerate(events):
+        w = f"{where}.events[{i}]"
+        check_fields(e, {"colour": "string", "shape": "string", "action": "string"}, file, w)
+        a = e["action"]
+        ev = e.get("direction") if a == "move" else f"turn_{e.get('to')}" if a == "recolour" else a
+        try: verb_phrases(ev)
+        except (KeyError, TypeError): raise DataError(f"{file}: {w} is not an event of the world: {_preview(e, 80)}") from None
+        if e["colour"] not in COLOURS or e["shape"] not in SHAPES:
+            raise DataError(f"{file}: {w} names an unknown colour or shape: {e['colour']!r} {e['shape']!r}")
+        key.append((e["colour"], e["shape"], ev))
+    return tuple(key)
+
+def multi_captions(key:tuple, first:str, video_id:int, seed:int, k:int=MULTI_CAPTIONS) -> list:
+    "`first` then `k-1` other paraphrases of `key` in the order `default_rng([seed, 2, video_id])` draws (fewer if `key` has fewer)."
+    out = [first]
+    for i in np.random.default_rng([seed, 2, video_id]).permutation(n_paraphrases(key)):
+        if len(out) == k: break
+        c = caption(key, int(i))
+        if c != first: out.append(c)
+    return out
+
+def event_sentences(key:tuple, rng) -> list:
+    "One sentence per event of `key` in time order, e.g. ['A red circle moves left.', 'Next, it grows.']."
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]
+    (c0, s0, e0), out = key[0], []
+    out.append(f"{pick(ARTICLES).capitalize()} {c0} {s0} {pick(verb_phrases(e0))}.")
+    for c, s, e in key[1:]:
+        subj = "it" if s == s0 else f"{pick(ARTICLES)} {c} {s}"        # two objects always have different shapes
+        out.append(f"{pick(NEXT)} {subj} {pick(verb_phrases(e))}.")
+    return out
+
+def _distinct(records:list, split:str, what:str):
+    caps = [c for r in records for c in r.captions]
+    if len(set(caps)) != len(caps):
+        dup = sorted({c for c in caps if caps.count(c) > 1})[:2]
+        raise DataError(f"the synthetic world's {split} split has repeated {what}, e.g. {dup}")
+
+@adapter("synthetic_multi", protocol="multi", n_words=32, n_frames=8, splits=("train", "val", "test"),
+         diagnostics=twin_accuracy)
+def synthetic_multi_records(cfg:RunConfig, split:str) -> list:
+    "The synthetic world under the multi-caption protocol (MSVD analogue): MULTI_CAPTIONS paraphrases per val/test clip."
+    root, seed, clips = _synthetic_clips(cfg, split, {"events": "list"})
+    if split == "train": return [_synthetic_record(root, c, c["captions"]) for c in clips]
+    recs = [_synthetic_record(root, c, multi_captions(events_key(c["events"], root / "annotations.json", f"clip {c['video_id']}"),
+                                                      c["captions"][0], c["video_id"], seed)) for c in clips]
+    _distinct(recs, split, "captions")
+    return recs
+
+@adapter("synthetic_paragraph", protocol="paragraph", n_words=32, n_frames=8, splits=("train", "val", "test"),
+         diagnostics=twin_accuracy)
+def synthetic_paragraph_records(cfg:RunConfig, split:str) -> list:
+    "The synthetic world under the paragraph protocol (ActivityNet/DiDeMo analogue): one sentence per event, joined."
+    root, seed, clips = _synthetic_clips(cfg, split, {"events": "list"})
+    recs = []
+    for c in clips:
+        key = events_key(c["events"], root / "annotations.json", f"clip {c['video_id']}")
+        sents = event_sentences(key, np.random.default_rng([seed, 3, c["video_id"]]))
+        recs.append(_synthetic_record(root, c, [paragraph(sents)], sentences=sents))
+    if split != "train": _distinct(recs, split, "paragraphs")
+    return recs
+
+SYNTHETIC_ADAPTERS = ("synthetic", "synthetic_multi", "synthetic_paragraph")
+
+def is_synthetic(dataset:str) -> bool:
+    "Whether `dataset` is a view of the embedded synthetic world (rendered from the `syn_*` parameters when data_root is '')."
+    return dataset in SYNTHETIC_ADAPTERS
+
 # %% ../nbs/05_benchmarks.ipynb #a9271a4c
 ADAPTERS: dict = {f.adapter.name: f.adapter for f in (
-    synthetic_records, msrvtt_records, msvd_records, lsmdc_records, activitynet_records, didemo_records, vatex_records,
+    synthetic_records, synthetic_multi_records, synthetic_paragraph_records, msrvtt_records, msvd_records, lsmdc_records, activitynet_records, didemo_records, vatex_records,
     charades_records, frames_folder_adapter, flickr8k_records)}
 
 def register_adapter(fn) -> Adapter:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import hashlib
 import re
+import time
 
 from .core import ConfigError, DiffRetError, RunFailed
 from .config import PARAMS, SECTIONS, RunConfig, arch_recipe, check_value, flatten_params, list_paramsets, param_help
 
 # %% auto #0
-__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'eval_name', 'cmd_eval', 'main', 'console']
+__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'eval_name', 'cmd_plan', 'cmd_eval', 'main', 'console']
 
 # %% ../nbs/70_cli.ipynb #0eae3ddf
 def demo(out="results/demo", name:str=None, force:bool=False, progress:bool=True, **overrides) -> Path:
@@ -68,6 +69,29 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="re-encode a dataset's videos and build its frame cache (see `diffret prepare -h`)", add_help=False)
     sub.add_parser("verify", help="check a dataset folder against its data card (see `diffret verify -h`)", add_help=False)
     sub.add_parser("bench", help="benchmark similarity and diffusion re-ranking (see `diffret bench rerank -h`)", add_help=False)
+    pl = sub.add_parser("plan", help="the plans that regenerate the papers' tables and figures: list, run, status, report")
+    psub = pl.add_subparsers(dest="plan_cmd", required=True)
+    ls = psub.add_parser("list", help="every plan: its tables, entries, profiles and expected wall time")
+    ls.add_argument("--paper", help="only this paper's plans (diffusionret, dits)")
+    def plan_args(p, run:bool):
+        p.add_argument("plan", help="plan name, e.g. diffusionret/table3 (see `diffret plan list`), or a plan file")
+        p.add_argument("--out", default="results", help="results folder: <out>/<plan>/<entry>/ and <out>/<plan>/report/ (default results)")
+        if not run: return
+        p.add_argument("--profile", default="synthetic", help="'synthetic' (the CPU analogue, default) or 'paper' (the published recipe)")
+        p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a parameter in every entry (recorded in its params.json); repeatable")
+        p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                       help="fill ${NAME} in the plan (the paper profile's data folders and CLIP weights); default: the environment")
+        p.add_argument("--only", action="append", default=[], metavar="ENTRY", help="run only this entry (and what it needs); repeatable")
+        p.add_argument("--force", action="append", default=[], metavar="ENTRY", help="move this entry's finished run aside and run it again")
+        p.add_argument("--jobs", type=int, default=1, metavar="N", help="entries run side by side, each with cores // N torch threads")
+        p.add_argument("--dry-run", action="store_true", help="check every entry's inputs and print the papermill commands")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for n, h in (("run", "run every entry of a plan with papermill (resumable: finished entries are skipped)"),
+                 ("status", "done / failed (with the error line) / not run, per entry"),
+                 ("report", "execute the report notebook: the paper's tables beside ours, CSV, LaTeX, figures")):
+        plan_args(psub.add_parser(n, help=h), n == "run")
+    plan_args(sub.add_parser("reproduce", help="run a plan, then its report (`plan run` + `plan report`)"), True)
     pp = sub.add_parser("params", help="list the parameters with their defaults and help, by section and arch")
     pp.add_argument("names", nargs="*", help="only these parameters")
     return ap
@@ -119,6 +143,49 @@ def eval_name(checkpoint, overrides:dict) -> str:
     if len(tag) > 80: tag = tag[:60] + "-" + hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{base}-{tag}" if tag else base
 
+def _vars(pairs:list) -> dict:
+    out = {}
+    for kv in pairs:
+        if "=" not in kv: raise ConfigError(f"--var expects NAME=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1); out[k.strip()] = v
+    return out
+
+def cmd_plan(args):
+    from diffusionret_nb import plans
+    sub = "reproduce" if args.cmd == "reproduce" else args.plan_cmd
+    if sub == "list":
+        for n in plans.plan_names():
+            p = plans.load_plan(n)
+            if args.paper and p["paper"] != args.paper: continue
+            counts = ", ".join(f"{k}: {len(plans.plan_jobs(p, k, variables=dict.fromkeys(_needed_vars(p), '?')))} runs"
+                               + (f", ~{p['minutes'][k]} min" if k in p["minutes"] else "") for k in p["profiles"])
+            print(f"{n:28s} {p['title']}\n{'':28s} tables {', '.join(p['tables']) or '-'}; entries {', '.join(p['entries'])}\n"
+                  f"{'':28s} profiles: {counts}")
+        return
+    if sub == "status":
+        rows = plans.plan_status(args.plan, args.out)
+        for name, st, detail in rows: print(f"{name:28s} {st:8s} {detail}")
+        print(f"{sum(r[1] == 'done' for r in rows)} of {len(rows)} done")
+        return
+    if sub == "report":
+        print(f"report: {plans.report_plan(args.plan, args.out)}/table.md"); return
+    t0 = time.time()
+    res = plans.run_plan(args.plan, args.profile, parse_overrides(args.param), args.out, args.only, args.force, args.jobs,
+                         args.dry_run, _vars(args.var), progress=not args.quiet)
+    if args.dry_run: return
+    print(f"\n{'entry':28s} {'status':8s} {'min':>6s}  detail")
+    for name, (st, detail, minutes) in res.items(): print(f"{name:28s} {st:8s} {minutes:6.1f}  {detail}")
+    bad = [n for n, r in res.items() if r[0] not in ("done",)]
+    print(f"{len(res) - len(bad)} of {len(res)} entries done in {(time.time() - t0) / 60:.1f} min"
+          + (f"; not done: {', '.join(bad)} (`diffret plan status {args.plan}`; rerun the same command to retry them)" if bad else ""))
+    if sub == "reproduce": print(f"report: {plans.report_plan(args.plan, args.out)}/table.md")
+    if bad: raise RunFailed(f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of {args.plan} did not finish")
+
+def _needed_vars(plan:dict) -> set:
+    "The ${NAME} variables a plan uses (to count its runs without them)."
+    text = json.dumps([plan["profiles"], {k: [e["params"], e["profiles"]] for k, e in plan["entries"].items()}])
+    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
+
 def cmd_eval(args):
     from diffusionret_nb.pipeline import evaluate_checkpoint
     overrides = parse_overrides(args.param, args.params)
@@ -139,7 +206,8 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        {"params": cmd_params, "demo": cmd_run, "train": cmd_run, "eval": cmd_eval}[args.cmd](args)
+        {"params": cmd_params, "demo": cmd_run, "train": cmd_run, "eval": cmd_eval, "plan": cmd_plan,
+         "reproduce": cmd_plan}[args.cmd](args)
     except RunFailed as e:
         print(f"diffret: {e}", file=sys.stderr); return 1
     except DiffRetError as e:

@@ -120,11 +120,15 @@ class EvalConfig:
                          "captions) or 'dsl' (dual softmax)", choices=("none", "qbnorm", "dsl"))
     qb_beta: float = P(20.0, "QB-Norm inverted-softmax temperature", min=0.0)
     qb_bank_size: int = P(0, "QB-Norm query bank: number of training captions (0 = all)", min=0)
+    test_limit: int = P(0, "evaluate on the first N videos of the test split (0 = all): Table 4's gallery sizes", min=0)
 
 @dataclass
 class DiffusionConfig:
     "DiffusionRet stage 2: the generator, its training and the re-ranking at inference (SPEC 1.4-1.5)."
     stage2: bool = P(False, "train the stage-2 generator after stage 1 and re-rank with it at evaluation")
+    stage1_checkpoint: str = P("", "a finished run folder (or stage-1 checkpoint) whose stage 1 this run uses as it is, without "
+                               "training it; its model and training parameters must equal this run's (stage-2 ablations share "
+                               "one stage 1; a plan entry's `stage1:` sets it)")
     train_strategy: str = P("both", "with stage2=true, Table 3d's training strategy: 'both' (stage 1 then stage 2), "
                             "'discrimination' (stage 1 only), 'generation' (generator on an untrained stage 1); "
                             "ignored when stage2=false (stage 1 only)", choices=("both", "discrimination", "generation"))

@@ -12,12 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from .clip import tokenize
-from .core import DataError
+from .core import DataError, DiffRetError
 from .datasets import VideoTextDataset, collate, eval_texts
-from .metrics import chance_recall, multi_caption_metrics
+from .metrics import chance_recall, multi_caption_metrics, query_ranks
 
 # %% auto #0
-__all__ = ['encode_texts', 'encode_videos', 'Gallery', 'encode_gallery', 'gallery_metrics', 'evaluate_records']
+__all__ = ['encode_texts', 'encode_videos', 'Gallery', 'encode_gallery', 'gallery_metrics', 'evaluate_records', 'score_samples',
+           'gallery_arrays']
 
 # %% ../nbs/51_inference.ipynb #48309cf8
 def _bar(total, desc, progress):
@@ -90,3 +91,27 @@ def evaluate_records(model, records:list, frames, n_words:int, protocol:str="sin
                      block:int=256, device="cpu", num_workers:int=0, progress:bool=False) -> dict:
     "T2V and V2T metrics of `model` on `records` (texts by `protocol`), with gallery sizes and skips."
     return gallery_metrics(encode_gallery(model, records, frames, n_words, protocol, batch_size, block, device, num_workers, progress))
+
+# %% ../nbs/51_inference.ipynb #5b0f3d8e
+def score_samples(sim, text_video, n_neg:int=20000, seed:int=0) -> dict:
+    "Similarity of each query with its positive video, `pos` (Nq,), and of ≤ `n_neg` seeded uniform negative pairs, `neg`, both float32."
+    s = sim.detach().cpu().float().numpy() if torch.is_tensor(sim) else np.asarray(sim)
+    if s.ndim != 2: raise DiffRetError(f"the similarity must be a 2-d (queries × videos) matrix, got shape {s.shape}")
+    tv, (nq, nv) = np.asarray(text_video, dtype=np.int64), s.shape
+    if tv.shape != (nq,) or not ((0 <= tv) & (tv < nv)).all():
+        raise DiffRetError(f"text_video needs one column in [0, {nv}) per query ({nq}), got shape {tv.shape}")
+    n_all = nq * (nv - 1)                                                    # every (query, other video) pair
+    rng = np.random.default_rng(seed)
+    m = np.sort(rng.choice(n_all, size=n_neg, replace=False)) if n_all > n_neg else np.arange(n_all)
+    q, j = m // max(nv - 1, 1), m % max(nv - 1, 1)
+    j = j + (j >= tv[q])                                                     # skip the query's own video
+    return {"pos": s[np.arange(nq), tv].astype(np.float32), "neg": s[q, j].astype(np.float32)}
+
+def gallery_arrays(g:Gallery, prefix:str="stage1", n_neg:int=20000, seed:int=0, sim=None, sim_v2t=None) -> dict:
+    "Per-query ranks and positive/negative scores of `sim` (default `g.sim`) under `prefix`, and `text_video`; V2T ranks from `sim_v2t` (N_video, N_text) when given."
+    sim = g.sim if sim is None else sim
+    if sim_v2t is None: r = query_ranks(sim, g.text_video)
+    else: r = {**query_ranks(sim, g.text_video, ("t2v",)), **query_ranks(sim_v2t.T, g.text_video, ("v2t",))}
+    sc = score_samples(sim, g.text_video, n_neg, seed)
+    return {f"{prefix}_t2v_ranks": r["t2v"], f"{prefix}_v2t_ranks": r["v2t"], f"{prefix}_pos": sc["pos"], f"{prefix}_neg": sc["neg"],
+            "text_video": np.asarray(g.text_video, dtype=np.int32)}

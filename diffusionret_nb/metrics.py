@@ -12,7 +12,8 @@ from .core import DiffRetError
 
 # %% auto #0
 __all__ = ['KS', 'MEDIANS', 'positive_ranks', 'median_rank', 'metrics_from_ranks', 'retrieval_metrics', 'both_directions',
-           'multi_caption_sim_v2t', 'multi_caption_metrics', 'chance_recall', 'format_table']
+           'multi_caption_sim_v2t', 'median_rule', 'query_ranks', 'multi_caption_metrics', 'chance_recall',
+           'format_table']
 
 # %% ../nbs/50_metrics.ipynb #6587b218
 KS = (1, 5, 10, 50)
@@ -82,13 +83,25 @@ def multi_caption_sim_v2t(sim, caption_video) -> np.ndarray:
     if np.isinf(out).all(1).any(): raise DiffRetError(f"{int(np.isinf(out).all(1).sum())} videos have no caption")
     return out.T
 
-def multi_caption_metrics(sim, caption_video, multi_sentence:bool=None) -> dict:
-    "T2V (every caption a query) and V2T (best caption per video) metrics of a captions × videos matrix."
+def median_rule(caption_video, multi_sentence:bool=None) -> str:
+    "The T2V median of the protocol: 'lower' when some video has several captions (or `multi_sentence`), else 'midpoint'."
     cv = np.asarray(caption_video)
     if multi_sentence is None: multi_sentence = len(np.unique(cv)) < len(cv)       # some video has several captions
-    t2v = metrics_from_ranks(positive_ranks(sim, positives=cv), median="lower" if multi_sentence else "midpoint")
-    v2t = retrieval_metrics(multi_caption_sim_v2t(sim, cv))
-    return {"t2v": t2v, "v2t": v2t}
+    return "lower" if multi_sentence else "midpoint"
+
+def query_ranks(sim, caption_video, directions=("t2v", "v2t")) -> dict:
+    "0-based rank of each query's positive: 't2v' (N_caption,) int32 and 'v2t' (N_video,) int32 (a video's best caption)."
+    sim, cv = _as_numpy(sim), np.asarray(caption_video)
+    out = {}
+    if "t2v" in directions: out["t2v"] = positive_ranks(sim, positives=cv).astype(np.int32)
+    if "v2t" in directions: out["v2t"] = positive_ranks(multi_caption_sim_v2t(sim, cv)).astype(np.int32)
+    return out
+
+def multi_caption_metrics(sim, caption_video, multi_sentence:bool=None) -> dict:
+    "T2V (every caption a query) and V2T (best caption per video) metrics of a captions × videos matrix."
+    r = query_ranks(sim, caption_video)
+    return {"t2v": metrics_from_ranks(r["t2v"], median=median_rule(caption_video, multi_sentence)),
+            "v2t": metrics_from_ranks(r["v2t"])}
 
 # %% ../nbs/50_metrics.ipynb #54962245
 def chance_recall(n_candidates:int, k:int=1) -> float:

@@ -5,32 +5,38 @@
 # %% ../nbs/60_pipeline.ipynb #7c8a8c1e
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import fields
+
+import numpy as np
 from pathlib import Path
 
 from .benchmarks import get_adapter, load_records, resolve_config
-from .config import DataConfig, EvalConfig, RunConfig, SyntheticConfig, build_config, save_params
-from .core import (CheckpointError, ConfigError, DataError, atomic_write_json, atomic_write_text, resolve_device,
-                                  run_lock, seed_everything)
+from .config import (DataConfig, EvalConfig, ModelConfig, RunConfig, SyntheticConfig, TrainConfig, build_config,
+                                    config_from_dict, save_params)
+from .core import (CheckpointError, ConfigError, DataError, atomic_output, atomic_write_json, atomic_write_text,
+                                  resolve_device, run_lock, seed_everything)
 from .datasets import FrameSource, VideoTextDataset, eval_texts
-from .inference import encode_gallery, encode_videos, gallery_metrics
+from .inference import encode_gallery, encode_videos, gallery_arrays, gallery_metrics
 from .learner import EvalCB
 from .metrics import format_table
 from .postprocess import apply_postprocess
 from .registry import checkpoint_info, create_model, load_model, read_checkpoint
-from .rerank import rerank_metrics
-from .training import (CaptionPairs, check_stage2_config, stage_plan, train_stage1, train_stage2,
+from .rerank import rerank_metrics, trace_queries, trace_rerank
+from .training import (RUNTIME_KEYS, CaptionPairs, check_stage2_config, stage_plan, train_stage1, train_stage2,
                                       validation_split)
 
 # %% auto #0
-__all__ = ['EVAL_OVERRIDABLE', 'absolute_paths', 'check_inputs', 'check_missing', 'SplitEvaluator', 'rerank_evaluator',
-           'encode_bank', 'run_stage2', 'with_stage2', 'check_rerank_topk', 'check_stages', 'train_eval',
-           'check_eval_overrides', 'locate_checkpoints', 'evaluate_checkpoint']
+__all__ = ['N_TRACES', 'STAGE1_FREE', 'STAGE1_DATA', 'EVAL_OVERRIDABLE', 'absolute_paths', 'check_inputs', 'check_missing',
+           'test_records', 'SplitEvaluator', 'rerank_evaluator', 'encode_bank', 'run_stage2', 'with_stage2',
+           'trace_arrays', 'save_arrays', 'peak_memory', 'reset_peak_memory', 'check_rerank_topk', 'check_stages',
+           'stage1_param_diff', 'reused_stage1', 'train_eval', 'check_eval_overrides', 'locate_checkpoints',
+           'evaluate_checkpoint']
 
 # %% ../nbs/60_pipeline.ipynb #7f9df59f
-_PATH_KEYS = ("data_root", "frame_cache_dir", "checkpoint")
+_PATH_KEYS = ("data_root", "frame_cache_dir", "checkpoint", "stage1_checkpoint")
 
 def absolute_paths(params:dict) -> dict:
     "`params` with relative file and folder parameters made absolute (runs execute in their own folder)."
@@ -61,6 +67,14 @@ def check_missing(n_skipped:int, n_videos:int, cfg:RunConfig):
                         f"than max_missing_videos={allowed:g} allows: a result on the rest would not be the benchmark's. Run "
                         f"`diffret verify {cfg.data.dataset} --root <data_root>` to list them, or accept a fraction with "
                         f"-p max_missing_videos=<fraction>")
+
+def test_records(cfg:RunConfig) -> list:
+    "The test split's records, the first `test_limit` videos when it is set (Table 4's gallery sizes)."
+    recs, n = load_records(cfg, cfg.data.test_split), cfg.eval.test_limit
+    if n and n > len(recs):
+        raise ConfigError(f"test_limit={n} exceeds the {len(recs)} videos of split {cfg.data.test_split!r} of dataset "
+                          f"{cfg.data.dataset!r}; lower test_limit (or, on the synthetic world, raise syn_n_test)")
+    return recs[:n] if n else recs
 
 class SplitEvaluator:
     "Evaluates models on one split's records; the `final` one adds post-processing and the adapter's diagnostics."
@@ -158,11 +172,42 @@ def _untrained(cfg:RunConfig, evaluate, device) -> dict:
     m = evaluate(create_model(cfg).to(device))
     return {k: v for k, v in m.items() if k in ("t2v", "v2t") or k.startswith("twin_")}
 
-def with_stage2(m:dict, g, gen, cfg:RunConfig, device) -> dict:
-    "Metrics `m` of gallery `g` with the stage-1 block moved under 'stage1' and the re-ranked metrics on top."
+def with_stage2(m:dict, g, gen, cfg:RunConfig, device, arrays:dict=None) -> dict:
+    "Metrics `m` of gallery `g` with the stage-1 block moved under 'stage1' and the re-ranked metrics on top (`arrays` gains theirs)."
     stage1 = {k: m.pop(k) for k in ("t2v", "v2t", "model", "selected", "train") if k in m}
     stage1.update({k: m.pop(k) for k in list(m) if k.startswith("twin_") or k in ("raw", "postprocess")})
-    return {**m, **rerank_metrics(g, gen, cfg.diffusion, device=device), "model": "stage 2", "stage1": stage1}
+    rr = rerank_metrics(g, gen, cfg.diffusion, device=device, arrays=arrays is not None)
+    if arrays is not None: arrays.update(rr.pop("arrays"), **trace_arrays(g, gen, cfg, device))
+    return {**m, **rr, "model": "stage 2", "stage1": stage1}
+
+N_TRACES = 4       # queries whose x0_hat is recorded at every sampler step (Figure 5)
+
+def trace_arrays(g, gen, cfg:RunConfig, device) -> dict:
+    "x0_hat across the sampler's steps for `N_TRACES` seeded T2V queries of gallery `g` (Figure 5), prefixed 'trace_'."
+    d = cfg.diffusion
+    q = trace_queries(len(g.texts), n=min(N_TRACES, len(g.texts)), seed=d.rerank_seed)
+    tr = trace_rerank(gen, g.sim, g.text, g.video, q, topk=d.rerank_topk, steps=d.diff_eval_steps, sampler=d.diff_sampler,
+                      eta=d.diff_eta, seed=d.rerank_seed, device=device)
+    pos = np.array([int(np.flatnonzero(c == g.text_video[i])[0]) if (c == g.text_video[i]).any() else -1
+                    for i, c in zip(tr["queries"], tr["candidates"])], dtype=np.int32)
+    return {**{f"trace_{k}": v for k, v in tr.items()}, "trace_positive": pos}
+
+def save_arrays(path, arrays:dict):
+    "Write `arrays` (name -> numpy array) as one compressed .npz, atomically."
+    with atomic_output(path) as tmp, open(tmp, "wb") as f: np.savez_compressed(f, **arrays)
+
+def peak_memory(device) -> dict:
+    "The peak memory so far: allocated on the GPU (since `reset_peak_memory`) or the process's peak RSS on the CPU, in MiB."
+    import torch
+    if torch.device(device).type == "cuda":
+        return dict(peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1), memory_kind="gpu peak allocated")
+    import resource
+    return dict(peak_memory_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), memory_kind="cpu peak RSS")
+
+def reset_peak_memory(device):
+    "Start a new GPU peak (the CPU's peak RSS cannot be reset: each evaluation of a plan runs in its own kernel)."
+    import torch
+    if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
 
 def check_rerank_topk(cfg:RunConfig):
     "Fail before any training when `rerank_topk` exceeds the validation gallery of stage 2."
@@ -178,6 +223,34 @@ def check_stages(cfg:RunConfig):
     "When the run trains stage 2: its settings and `rerank_topk` against the validation gallery (a resolved config)."
     if stage_plan(cfg)[1]: check_stage2_config(cfg); check_rerank_topk(cfg)
 
+STAGE1_FREE = {"seed", "device", "precision", "eval_every", "ckpt_every_steps", "checkpoint", "stage1_checkpoint", "eval_untrained"}
+STAGE1_DATA = ("dataset", "n_words", "n_frames", "frame_sampling", "sample_fps", "train_frame_jitter", "train_augment",
+               "train_list", "twin_batches", "train_split", "val_split", "syn_seed", "syn_domain", "syn_n_train", "syn_n_val", "syn_size")
+
+def stage1_param_diff(a:dict, b:dict) -> list:
+    "The parameters that define a trained stage 1 (model, training, training data; not the seed) whose values differ."
+    keys = ({f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)} | set(STAGE1_DATA)) - STAGE1_FREE - RUNTIME_KEYS
+    return sorted(k for k in keys if a[k] != b[k])
+
+def reused_stage1(cfg:RunConfig):
+    "(model, checkpoint path) of `stage1_checkpoint` when set (None otherwise); a `ConfigError` naming the parameters that differ."
+    path = cfg.diffusion.stage1_checkpoint
+    if not path: return None
+    if cfg.diffusion.stage2 and cfg.diffusion.train_strategy == "generation":
+        raise ConfigError("stage1_checkpoint gives a trained stage 1, but train_strategy='generation' trains the generator on "
+                          "an untrained one; drop one of the two")
+    src = locate_checkpoints(path)
+    if src["stage1"] is None:
+        raise CheckpointError(f"stage1_checkpoint={path!s} is a reference model file; use it with `diffret eval` instead")
+    ck = src.get("state") or read_checkpoint(src["stage1"])
+    stored, flat = checkpoint_info(ck, src["stage1"])["cfg"].flat(), cfg.flat()
+    diff = stage1_param_diff(stored, flat)
+    if diff:
+        raise ConfigError(f"stage1_checkpoint={path!s} was trained with {', '.join(f'{k}={stored[k]!r}' for k in diff)}, but this "
+                          f"run says {', '.join(f'{k}={flat[k]!r}' for k in diff)}: a run that reuses a stage 1 must state that "
+                          "stage 1's model, data and training parameters")
+    return load_model(src["stage1"], cfg, stage=1, ck=ck)[0], src["stage1"]
+
 def train_eval(cfg:RunConfig, run_dir, progress:bool=True) -> dict:
     "Train stage 1 and, when asked, stage 2 (resuming when interrupted); evaluate the selected models on the test split; write the run folder."
     with run_lock(run_dir): return _train_eval(cfg, Path(run_dir), progress)
@@ -186,26 +259,32 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     check_inputs(cfg); cfg = resolve_config(cfg)
     do1, do2 = stage_plan(cfg)
     check_stages(cfg)                                                          # fail before stage 1 trains
+    reused = reused_stage1(cfg)                                                # and before anything is written
     save_params(cfg, run_dir / "params.json")
     device = resolve_device(cfg.train.device)
-    evaluate = SplitEvaluator(cfg, load_records(cfg, cfg.data.test_split), device, final=True)
+    evaluate = SplitEvaluator(cfg, test_records(cfg), device, final=True)
     untrained = _untrained(cfg, evaluate, device) if cfg.eval.eval_untrained else None
-    if do1: learn, model = train_stage1(cfg, run_dir, _validator(cfg, device), progress)
+    if reused: learn, model = None, reused[0]
+    elif do1: learn, model = train_stage1(cfg, run_dir, _validator(cfg, device), progress)
     else: learn, model = None, (seed_everything(cfg.train.seed), create_model(cfg))[1]    # Table 3d 'generation'
     t1 = time.time()
     g = evaluate.gallery(model.to(device))
-    m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=_selected(learn, cfg))
+    selected = dict(stage1_checkpoint=str(reused[1])) if reused else _selected(learn, cfg)
+    m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=selected)
     if learn: m["train"] = _train_info(learn)
+    arrays = gallery_arrays(g, prefix="stage1")
     history = dict(steps=learn.history if learn else [], evals=getattr(learn, "evals", []))
     eval_seconds = time.time() - t1
     if do2:
         learn2, gen = run_stage2(cfg, model, run_dir, device, progress)
         t2 = time.time()
-        m = dict(with_stage2(m, g, gen, cfg, device), selected=_selected(learn2, cfg), train=_train_info(learn2))
+        m = dict(with_stage2(m, g, gen, cfg, device, arrays), selected=_selected(learn2, cfg), train=_train_info(learn2))
         eval_seconds += time.time() - t2                    # the test evaluation, not stage 2's training
         history["stage2"] = dict(steps=learn2.history, evals=getattr(learn2, "evals", []))
     m["eval_seconds"] = round(eval_seconds, 2)
+    m.update(peak_memory(device))
     if untrained: m["untrained"] = untrained
+    save_arrays(run_dir / "eval_arrays.npz", arrays)
     atomic_write_json(run_dir / "history.json", history)
     atomic_write_text(run_dir / "table.md", _table(m))
     atomic_write_json(run_dir / "metrics.json", m)
@@ -231,6 +310,9 @@ def locate_checkpoints(path) -> dict:
     path = Path(path).expanduser()
     if path.is_dir():
         s1 = next((p for p in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt") if p.is_file()), None)
+        if s1 is None and (path / "params.json").is_file():          # a run that reused another run's stage 1
+            reused = config_from_dict(json.loads((path / "params.json").read_text())).diffusion.stage1_checkpoint
+            if reused: s1 = locate_checkpoints(reused)["stage1"]
         if s1 is None: raise CheckpointError(f"{path} is a folder without checkpoints/best.pt or last.pt (not a finished run folder)")
         s2 = path / "checkpoints" / "stage2" / "best.pt"
         return dict(stage1=s1, stage2=s2 if s2.is_file() else None, official=None)
@@ -271,10 +353,14 @@ def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=
     try:
         with run_lock(run_dir):
             device = resolve_device(cfg.train.device)
-            ev = SplitEvaluator(cfg, load_records(cfg, cfg.data.test_split), device, final=True)
+            ev = SplitEvaluator(cfg, test_records(cfg), device, final=True)
+            reset_peak_memory(device); t0 = time.time()
             g = ev.gallery(s1.to(device), progress)
             m = dict(ev.metrics(g, s1), split=cfg.data.test_split, model="stage 1")
-            if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device)
+            arrays = gallery_arrays(g, prefix="stage1")
+            if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device, arrays)
+            m.update(eval_seconds=round(time.time() - t0, 2), **peak_memory(device))
+            save_arrays(run_dir / "eval_arrays.npz", arrays)
             m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None and k != "state"})
             save_params(cfg, run_dir / "params.json")
             atomic_write_text(run_dir / "table.md", _table(m))

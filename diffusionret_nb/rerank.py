@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from .core import DiffRetError
-from .metrics import chance_recall, multi_caption_metrics
+from .metrics import chance_recall, median_rule, metrics_from_ranks, query_ranks
 
 # %% auto #0
-__all__ = ['gallery_similarity_reference', 'check_rerank_inputs', 'rerank', 'rerank_metrics', 'stage_metrics', 'stage_rows']
+__all__ = ['gallery_similarity_reference', 'check_rerank_inputs', 'rerank', 'trace_rerank', 'trace_queries', 'rerank_metrics',
+           'stage_metrics', 'stage_rows']
 
 # %% ../nbs/52_rerank.ipynb #418aa00e
 from .encoders import gallery_similarity_fast  # noqa: F401  (re-exported)
@@ -59,8 +60,9 @@ def _noise(seed:int, direction:int, n:int, k:int, steps:int, stochastic:bool):
     x = torch.randn(n, k, generator=g)
     return x, (torch.randn(steps, n, k, generator=g) if stochastic else None)
 
-def _sample_direction(den, sampler, n_queries:int, prepare, reference_step, x_start, step_noise, chunk:int, reference:bool):
-    "Final x̂0 (n_queries, K) of the sampler for every query, `chunk` queries at a time."
+def _sample_direction(den, sampler, n_queries:int, prepare, reference_step, x_start, step_noise, chunk:int, reference:bool,
+                      on_step=None):
+    "Final x̂0 (n_queries, K) of the sampler for every query, `chunk` queries at a time; `on_step(sl, si, step output)` if given."
     ts = [int(t) for t in sampler.timesteps]
     terms = None if reference else den.sampling_terms(ts)
     out = torch.empty_like(x_start)
@@ -70,9 +72,25 @@ def _sample_direction(den, sampler, n_queries:int, prepare, reference_step, x_st
         x = x_start[sl]
         for si, t in enumerate(ts):
             x0 = reference_step(sl, x, t) if reference else den.denoise(cache, x, terms=terms[si])
-            x = sampler.step(x0, t, x, variance_noise=None if step_noise is None else step_noise[si, sl]).prev_sample
+            o = sampler.step(x0, t, x, variance_noise=None if step_noise is None else step_noise[si, sl])
+            if on_step is not None: on_step(sl, si, o)
+            x = o.prev_sample
         out[sl] = x
     return out
+
+def _direction(gen, d:str, eot, frames, fmask, idx, reference:bool, rows=None):
+    "(denoiser, prepare(sl), reference_step(sl, x, t)) of direction `d` for the queries `rows` (default all) with candidates `idx`."
+    if d == "t2v":
+        den = gen.t2v
+        q = eot if rows is None else eot[rows]
+        bank = None if reference else den.prepare_bank(frames, fmask)
+        return (den, lambda sl: den.prepare(q[sl], bank, idx[sl]),
+                lambda sl, x, t: den.forward_reference(q[sl], frames, fmask, idx[sl], x, t))
+    den = gen.v2t
+    qf, qm = (frames, fmask) if rows is None else (frames[rows], fmask[rows])
+    bank = None if reference else den.prepare_bank(eot)
+    return (den, lambda sl: den.prepare(qf[sl], qm[sl], bank, idx[sl]),
+            lambda sl, x, t: den.forward_reference(qf[sl], qm[sl], eot, idx[sl], x, t))
 
 # %% ../nbs/52_rerank.ipynb #49d93740
 @torch.no_grad()
@@ -94,20 +112,43 @@ def rerank(gen, sim:torch.Tensor, text:dict, video:dict, *, topk:int=32, steps:i
             idx = s.topk(topk, dim=1).indices.to(device)                          # (Nq, K) candidates by S
             x_start, z = _noise(seed, 0 if d == "t2v" else 1, len(s), topk, len(smp.timesteps), stochastic)
             x_start, z = x_start.to(device), None if z is None else z.to(device)
-            if d == "t2v":
-                den = gen.t2v
-                bank = None if reference else den.prepare_bank(frames, fmask)
-                prep = lambda sl: den.prepare(eot[sl], bank, idx[sl])
-                ref = lambda sl, x, t: den.forward_reference(eot[sl], frames, fmask, idx[sl], x, t)
-            else:
-                den = gen.v2t
-                bank = None if reference else den.prepare_bank(eot)
-                prep = lambda sl: den.prepare(frames[sl], fmask[sl], bank, idx[sl])
-                ref = lambda sl, x, t: den.forward_reference(frames[sl], fmask[sl], eot, idx[sl], x, t)
+            den, prep, ref = _direction(gen, d, eot, frames, fmask, idx, reference)
             x0 = _sample_direction(den, smp, len(s), prep, ref, x_start, z, chunk, reference)
             out[d] = s.clone().scatter_add_(1, idx.cpu(), alpha * torch.softmax(x0.cpu() * temp, dim=-1))
     finally: gen.train(was)
     return out
+
+# %% ../nbs/52_rerank.ipynb #5d9f2c7a
+@torch.no_grad()
+def trace_rerank(gen, sim:torch.Tensor, text:dict, video:dict, queries, *, topk:int=32, steps:int=50, sampler:str="ddim",
+                 eta:float=0.0, seed:int=0, device=None, direction:str="t2v") -> dict:
+    "x̂0 over the top-K candidates at every sampler step for a few `queries`, as `rerank` samples them (numpy arrays)."
+    if direction not in ("t2v", "v2t"): raise DiffRetError(f"direction must be 't2v' or 'v2t', got {direction!r}")
+    check_rerank_inputs(sim, text, video, topk, gen.dim, (direction,))
+    s = (sim if direction == "t2v" else sim.t()).float()
+    q = torch.as_tensor(np.asarray(queries, dtype=np.int64).reshape(-1))
+    if len(q) == 0 or (q < 0).any() or (q >= len(s)).any():
+        raise DiffRetError(f"queries must be a non-empty list of indices in [0, {len(s)}), got {q.tolist()}")
+    device = torch.device(device) if device is not None else next(gen.parameters()).device
+    was = gen.training; gen.eval()
+    smp = gen.diffusion.sampler(sampler, **(dict(eta=eta) if sampler == "ddim" else {})).set_timesteps(steps)
+    ts = [int(t) for t in smp.timesteps]
+    stochastic = sampler == "ddpm" or eta > 0
+    eot, frames, fmask = text["eot"].to(device).float(), video["frames"].to(device).float(), video["mask"].to(device)
+    try:
+        idx = s.topk(topk, dim=1).indices[q].to(device)                           # the rows of rerank's candidates
+        x_start, z = _noise(seed, 0 if direction == "t2v" else 1, len(s), topk, len(ts), stochastic)
+        x_start, z = x_start[q].to(device), None if z is None else z[:, q].to(device)
+        den, prep, ref = _direction(gen, direction, eot, frames, fmask, idx, False, rows=q.to(device))
+        x0 = torch.empty(len(q), len(ts), topk)
+        def record(sl, si, o): x0[sl, si] = o.pred_original_sample.float().cpu()
+        _sample_direction(den, smp, len(q), prep, ref, x_start, z, len(q), False, on_step=record)
+    finally: gen.train(was)
+    return dict(queries=q.numpy(), candidates=idx.cpu().numpy(), timesteps=np.array(ts, dtype=np.int64), x0=x0.numpy())
+
+def trace_queries(n_queries_total:int, n:int=4, seed:int=0) -> np.ndarray:
+    "`n` distinct query indices in [0, n_queries_total) drawn by `seed`, sorted (all of them when there are fewer)."
+    return np.sort(np.random.default_rng(seed).choice(n_queries_total, size=min(n, n_queries_total), replace=False))
 
 # %% ../nbs/52_rerank.ipynb #f917d394
 def _mean_std(ms:list) -> tuple:
@@ -116,21 +157,24 @@ def _mean_std(ms:list) -> tuple:
     return ({k: float(a.mean()) for k, a in arr.items()},
             {k: float(a.std(ddof=1)) if len(a) > 1 else 0.0 for k, a in arr.items()})
 
-def rerank_metrics(g, gen, dcfg, *, n_seeds:int=None, device=None, chunk:int=32) -> dict:
-    "Re-ranked T2V/V2T metrics of gallery `g` (mean and std over seeds) with the settings of `dcfg` (a `DiffusionConfig`)."
+def rerank_metrics(g, gen, dcfg, *, n_seeds:int=None, device=None, chunk:int=32, arrays:bool=False) -> dict:
+    "Re-ranked T2V/V2T metrics of gallery `g` (mean and std over seeds) with the settings of `dcfg` (a `DiffusionConfig`); `arrays`: the first seed's `gallery_arrays` too."
     seeds = [dcfg.rerank_seed + i for i in range(n_seeds or dcfg.rerank_n_seeds)]
-    per = []
+    per, extra = [], {}
     for s in seeds:
         r = rerank(gen, g.sim, g.text, g.video, topk=dcfg.rerank_topk, steps=dcfg.diff_eval_steps, sampler=dcfg.diff_sampler,
                    eta=dcfg.diff_eta, alpha=dcfg.rerank_alpha, temp=dcfg.rerank_temp, seed=s, chunk=chunk, device=device)
-        per.append(dict(seed=s, t2v=multi_caption_metrics(r["t2v"], g.text_video)["t2v"],
-                        v2t=multi_caption_metrics(r["v2t"].t(), g.text_video)["v2t"]))
+        per.append(dict(seed=s, t2v=metrics_from_ranks(query_ranks(r["t2v"], g.text_video, ("t2v",))["t2v"], median_rule(g.text_video)),
+                        v2t=metrics_from_ranks(query_ranks(r["v2t"].t(), g.text_video, ("v2t",))["v2t"])))
+        if arrays and not extra:
+            from diffusionret_nb.inference import gallery_arrays
+            extra["arrays"] = gallery_arrays(g, prefix="stage2", sim=r["t2v"], sim_v2t=r["v2t"])
     (t2v, t2v_std), (v2t, v2t_std) = _mean_std([p["t2v"] for p in per]), _mean_std([p["v2t"] for p in per])
     return {"t2v": t2v, "v2t": v2t, "t2v_std": t2v_std, "v2t_std": v2t_std, "seeds": seeds, "per_seed": per,
             "n_queries": len(g.texts), "n_candidates": len(g.video_index), "chance_R@1": chance_recall(len(g.video_index)),
             "n_skipped_videos": g.n_skipped,
             "rerank": dict(topk=dcfg.rerank_topk, steps=dcfg.diff_eval_steps, sampler=dcfg.diff_sampler, eta=dcfg.diff_eta,
-                           alpha=dcfg.rerank_alpha, temp=dcfg.rerank_temp)}
+                           alpha=dcfg.rerank_alpha, temp=dcfg.rerank_temp), **extra}
 
 def stage_metrics(g, gen, dcfg, *, device=None, chunk:int=32) -> dict:
     "{'stage1': metrics of the stage-1 similarity, 'stage2': re-ranked metrics} of one gallery."

@@ -29,8 +29,8 @@ def template_parameters(template) -> dict:
     import papermill as pm
     return {k: v["default"] for k, v in pm.inspect_notebook(str(template)).items()}
 
-def run_template(template, run_dir, params:dict, progress:bool=True) -> dict:
-    "Execute `template` with `params` into `run_dir`; returns the run's metrics.json."
+def run_template(template, run_dir, params:dict, progress:bool=True, log:bool=None) -> dict:
+    "Execute `template` with `params` into `run_dir` (cell output logged when `log`, default `progress`); returns its metrics.json."
     import papermill as pm
     run_dir = Path(run_dir).resolve(); run_dir.mkdir(parents=True, exist_ok=True)   # the kernel's cwd is run_dir
     known = template_parameters(template)     # (tools/check_notebooks.py checks that papermill parses every line)
@@ -39,7 +39,7 @@ def run_template(template, run_dir, params:dict, progress:bool=True) -> dict:
     (run_dir / "error.txt").unlink(missing_ok=True)
     try:
         pm.execute_notebook(str(template), str(run_dir / "executed.ipynb"), parameters=direct, kernel_name="python3",
-                            cwd=str(run_dir), progress_bar=False, log_output=progress, stdout_file=None)
+                            cwd=str(run_dir), progress_bar=False, log_output=progress if log is None else log, stdout_file=None)
     except pm.PapermillExecutionError as e:
         msg = f"{e.ename}: {_plain(e.evalue)}"
         atomic_write_text(run_dir / "error.txt", msg + "\n\n" + _plain("\n".join(e.traceback)) + "\n")

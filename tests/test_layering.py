@@ -105,7 +105,14 @@ def template_parameters(path: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("template", sorted((ROOT / "experiments").glob("*.ipynb")), ids=lambda p: p.name)
+RUN_TEMPLATES = sorted(p for p in (ROOT / "experiments").glob("*.ipynb") if p.name != "report.ipynb")  # report: a plan's parameters
+
+
+def test_run_templates_are_the_train_and_evaluation_templates():
+    assert [p.name for p in RUN_TEMPLATES] == ["evaluate.ipynb", "train_eval.ipynb"]
+
+
+@pytest.mark.parametrize("template", RUN_TEMPLATES, ids=lambda p: p.name)
 def test_template_defaults_are_the_config_defaults(template):
     from diffusionret_nb.config import PARAMS, RunConfig
     defaults = RunConfig().flat()
