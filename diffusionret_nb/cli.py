@@ -157,10 +157,14 @@ def cmd_plan(args):
         for n in plans.plan_names():
             p = plans.load_plan(n)
             if args.paper and p["paper"] != args.paper: continue
-            counts = ", ".join(f"{k}: {len(plans.plan_jobs(p, k, variables=dict.fromkeys(_needed_vars(p), '?')))} runs"
-                               + (f", ~{p['minutes'][k]} min" if k in p["minutes"] else "") for k in p["profiles"])
-            print(f"{n:28s} {p['title']}\n{'':28s} tables {', '.join(p['tables']) or '-'}; entries {', '.join(p['entries'])}\n"
-                  f"{'':28s} profiles: {counts}")
+            counts = []
+            for k in p["profiles"]:
+                jobs = plans.plan_jobs(p, k, variables=dict.fromkeys(_needed_vars(), "?"))
+                other = sum(":" in j.label for j in jobs)
+                counts.append(f"{k}: {len(jobs) - other} runs" + (f" (+ {other} of {', '.join(sorted(p['external']))})" if other else "")
+                              + (f", ~{p['minutes'][k]} min on 2 CPU cores" if k in p["minutes"] else ""))
+            print(f"{n:22s} {p['title']}\n{'':22s} tables {', '.join(p['tables']) or '-'}; entries: {', '.join(p['entries']) or '-'}\n"
+                  + "".join(f"{'':22s} {c}\n" for c in counts))
         return
     if sub == "status":
         rows = plans.plan_status(args.plan, args.out)
@@ -181,10 +185,10 @@ def cmd_plan(args):
     if sub == "reproduce": print(f"report: {plans.report_plan(args.plan, args.out)}/table.md")
     if bad: raise RunFailed(f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of {args.plan} did not finish")
 
-def _needed_vars(plan:dict) -> set:
-    "The ${NAME} variables a plan uses (to count its runs without them)."
-    text = json.dumps([plan["profiles"], {k: [e["params"], e["profiles"]] for k, e in plan["entries"].items()}])
-    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
+def _needed_vars() -> set:
+    "The ${NAME} variables the plans use (to count their runs without them)."
+    from diffusionret_nb.plans import plans_dir
+    return {v for p in plans_dir().rglob("*.yaml") for v in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", p.read_text())}
 
 def cmd_eval(args):
     from diffusionret_nb.pipeline import evaluate_checkpoint

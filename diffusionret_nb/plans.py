@@ -23,8 +23,9 @@ from .runner import check_records, template_path
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'PlanError', 'plans_dir', 'plan_names',
-           'plan_path', 'load_plan', 'Job', 'plan_runs', 'plan_jobs', 'job_config', 'check_jobs', 'job_status',
-           'select_jobs', 'papermill_command', 'run_jobs', 'entry_main', 'run_plan', 'plan_status', 'report_plan']
+           'plan_path', 'load_plan', 'Job', 'for_profile', 'plan_runs', 'plan_jobs', 'job_config', 'check_jobs',
+           'job_status', 'select_jobs', 'papermill_command', 'run_jobs', 'entry_main', 'run_plan', 'plan_status',
+           'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -32,7 +33,7 @@ class PlanError(ConfigError):
 
 TEMPLATES = ("train_eval", "evaluate")
 PLAN_KEYS = {"title", "doc", "paper", "tables", "minutes", "seeds", "profiles", "entries", "cells", "compare", "figures"}
-ENTRY_KEYS = {"template", "doc", "params", "profiles", "stage1", "checkpoint", "per_seed"}
+ENTRY_KEYS = {"template", "doc", "params", "profiles", "stage1", "checkpoint", "per_seed", "only"}
 CELL_KEYS = {"table", "row", "column", "entry", "block", "direction", "na"}
 BLOCKS = ("final", "stage1", "untrained")
 FIGURE_KINDS = ("similarity_hist", "traces", "cost_lines")
@@ -121,10 +122,12 @@ def load_plan(name, _stack:tuple=()) -> dict:
         per = spec.get("per_seed", True)
         _need(isinstance(per, bool), w, f"per_seed must be true or false, got {per!r}")
         eprof = _mapping(spec.get("profiles"), w, "profiles")
-        for p in eprof: _need(p in profiles, w, f"profile {p!r} is not one of the plan's profiles {sorted(profiles)}")
+        only = spec.get("only", list(profiles))
+        _need(isinstance(only, list), w, f"only must be a list of profiles, got {only!r}")
+        for p in list(eprof) + only: _need(p in profiles, w, f"profile {p!r} is not one of the plan's profiles {sorted(profiles)}")
         entries[e] = dict(template=t, doc=spec.get("doc", ""), params=_params(spec.get("params"), w, ev),
                           profiles={p: _params(v, f"{w}, profile {p!r}", ev) for p, v in eprof.items()},
-                          stage1=spec.get("stage1"), checkpoint=spec.get("checkpoint"), per_seed=per)
+                          stage1=spec.get("stage1"), checkpoint=spec.get("checkpoint"), per_seed=per, only=only)
     external = {}
     def resolve(ref, w, train_only=True):
         "`entry` or `plan:entry` (plan relative to this plan's folder or from plans/) -> (full ref, plan dict, entry name)."
@@ -185,7 +188,10 @@ def _cell(c, i, resolve, where) -> dict:
     col = str(c.get("column", "Text-to-Video"))
     out = dict(table=str(c["table"]), row=str(c["row"]), column=col)
     if "na" in c: return dict(out, na=str(c["na"]))
-    entry = resolve(c.get("entry"), w, train_only=False)[0]
+    e = c.get("entry")
+    if isinstance(e, dict):                                     # {profile: entry}: another entry under each profile
+        entry = {p: resolve(v, f"{w}: entry[{p!r}]", train_only=False)[0] for p, v in e.items()}
+    else: entry = resolve(e, w, train_only=False)[0]
     block = c.get("block", "final")
     _need(block in BLOCKS, w, f"block {block!r} is not one of {BLOCKS}")
     d = c.get("direction", "v2t" if col == "Video-to-Text" else "t2v")
@@ -238,10 +244,32 @@ def _split(plan:dict, ref:str) -> tuple:
     other, e = ref.rsplit(":", 1)
     return plan["external"][other], e
 
+def for_profile(plan:dict, profile:str) -> dict:
+    "`plan` as it runs under `profile`: only the entries that exist under it (`only:`), each cell's entry for it."
+    if plan.get("profile") == profile: return plan
+    if profile not in plan["profiles"]:
+        raise PlanError(f"plan {plan['name']} has no profile {profile!r}; its profiles: {', '.join(plan['profiles'])}")
+    entries = {e: s for e, s in plan["entries"].items() if profile in s["only"]}
+    for e, s in entries.items():
+        for k in ("stage1", "checkpoint"):
+            if s[k] and ":" not in s[k] and s[k] not in entries:
+                raise PlanError(f"plan {plan['name']}: entry {e!r} takes {k} from {s[k]!r}, which does not exist under profile {profile!r}")
+    alive = lambda r: r is not None and (":" in r or r in entries)
+    cells = []
+    for c in plan["cells"]:
+        if "na" in c: cells.append(c); continue
+        e = c["entry"].get(profile) if isinstance(c["entry"], dict) else c["entry"]
+        cells.append(dict(c, entry=e) if alive(e) else
+                     {k: c[k] for k in ("table", "row", "column")} | dict(na=f"not run under the {profile} profile (see the plan)"))
+    compare = [c for c in plan["compare"] if alive(c["a"]) and alive(c["b"])]
+    figures = [f for f in plan["figures"] if all(alive(v) for v in list((f.get("entries") or {}).values()) + ([f["entry"]] if "entry" in f else []))]
+    return dict(plan, entries=entries, cells=cells, compare=compare, figures=figures, profile=profile)
+
 def plan_runs(plan:dict, out="results") -> list:
     "Every run folder of `plan` under `out` (and of the other plans' entries its cells, comparisons and figures name): dicts (entry, seed, dir)."
     refs = list(plan["entries"])
-    named = [c.get("entry") for c in plan["cells"]] + [x for c in plan["compare"] for x in (c["a"], c["b"])]
+    named = [v for c in plan["cells"] for v in (c["entry"].values() if isinstance(c.get("entry"), dict) else [c.get("entry")])]
+    named += [x for c in plan["compare"] for x in (c["a"], c["b"])]
     named += [v for f in plan["figures"] for v in list((f.get("entries") or {}).values()) + [f.get("entry")]]
     refs += [r for r in dict.fromkeys(named) if r and ":" in r]
     out_runs = []
@@ -267,8 +295,7 @@ def _add_with_needs(job:Job, by:dict, plan_name:str, add):
 
 def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variables:dict=None, _memo:dict=None) -> list:
     "The jobs of `plan` under `profile` with `overrides` (`-p`) on top, each after the jobs it needs (another plan's included)."
-    if profile not in plan["profiles"]:
-        raise PlanError(f"plan {plan['name']} has no profile {profile!r}; its profiles: {', '.join(plan['profiles'])}")
+    plan = for_profile(plan, profile)
     memo = {} if _memo is None else _memo
     if plan["name"] in memo: return memo[plan["name"]]
     overrides = {k: check_value(k, v) for k, v in (overrides or {}).items()}
@@ -294,7 +321,8 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
                 if op is plan: dep = by[(te, _dep_seed(plan, te, s))]
                 else:
                     ojobs = plan_jobs(op, profile, overrides, out, variables, memo)
-                    dep = next(j for j in ojobs if j.entry == te and j.seed == _dep_seed(op, te, s))
+                    dep = next((j for j in ojobs if j.entry == te and j.seed == _dep_seed(op, te, s)), None)
+                    if dep is None: raise PlanError(f"{where} takes {key} from {target!r}, which does not run under profile {profile!r}")
                     _add_with_needs(dep, {j.key: j for j in ojobs}, op["name"], add)
                 p[key] = str(dep.dir); needs.append(dep.key)
             job = Job(plan["name"], e, s, base / _folder(e, s), spec["template"], absolute_paths(p), needs, _folder(e, s))
@@ -303,6 +331,7 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
         op, te = _split(plan, ref)
         ojobs = plan_jobs(op, profile, overrides, out, variables, memo)
         okeys = {j.key: j for j in ojobs}
+        if te not in for_profile(op, profile)["entries"]: continue
         for s in plan["seeds"] or [None]:
             dep = next((j for j in ojobs if j.entry == te and j.seed == _dep_seed(op, te, s)), None)
             if dep is not None: _add_with_needs(dep, okeys, op["name"], add)
@@ -489,7 +518,8 @@ def report_plan(name, out="results", progress:bool=True) -> Path:
                 if (r["dir"] / "entry.json").is_file()}
     try:
         pm.execute_notebook(str(template_path("report")), str(rep / "report.ipynb"), cwd=str(rep), kernel_name="python3",
-                            parameters=dict(plan=plan["name"], out=str(Path(out).resolve()),
+                            parameters=dict(plan=plan["name"] if Path(plan["path"]).is_relative_to(plans_dir()) else plan["path"],
+                                            out=str(Path(out).resolve()),
                                             profile=" + ".join(sorted(p for p in profiles if p)) or "none run yet"),
                             progress_bar=False, log_output=False)
     except pm.PapermillExecutionError as e:

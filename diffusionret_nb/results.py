@@ -245,7 +245,8 @@ def stage_comparisons(plan:dict, runs:list) -> list:
     "A 'stage 2 vs stage 1' compare for every entry whose finished runs re-ranked."
     have = {c["a"] for c in plan.get("compare", []) if c["a"] == c["b"] and c.get("a_block") == "final" and c.get("b_block") == "stage1"}
     out = []
-    for e in plan["entries"]:
+    named = [c["entry"] for c in plan.get("cells", []) if isinstance(c.get("entry"), str) and ":" in c["entry"]]   # other plans' runs it shows
+    for e in list(plan["entries"]) + list(dict.fromkeys(named)):
         if e in have: continue
         arrs = [run_arrays(d) for d in done_runs(runs, e).values()]
         if any(a is not None and "stage2_t2v_ranks" in a for a in arrs):

@@ -1,0 +1,173 @@
+"The plan layer end to end on a tiny plan: papermill entries, failures kept to themselves, skipping, reuse, the report."
+import json
+from pathlib import Path
+
+import pytest
+
+from diffusionret_nb.plans import (PlanError, for_profile, job_status, load_plan, plan_jobs, plan_names, plan_runs, plan_status,
+                                   report_plan, run_plan, select_jobs)
+
+TINY = dict(dataset="synthetic", preset="tiny", device="cpu", syn_n_train=16, syn_n_val=8, syn_n_test=24, syn_size=32, n_frames=2,
+            epochs=1, batch_size=8, max_steps=2, stage2_epochs=1, rerank_topk=4, diff_steps=10, diff_eval_steps=10,
+            eval_batch_size=8, eval_untrained=False)
+
+PLAN = """
+title: tiny plan
+paper: diffusionret
+tables: [3a]
+seeds: [0]
+profiles:
+  synthetic: {params: %s}
+entries:
+  a: {params: {stage2: true}}
+  mse: {stage1: a, params: {stage2: true, gen_loss: mse}}
+  bad: {template: evaluate, checkpoint: a, params: {test_limit: 3}}
+  ev: {template: evaluate, checkpoint: mse, params: {diff_eval_steps: 5}}
+cells:
+  - {table: 3a, row: KL, entry: a}
+  - {table: 3a, row: MSE, entry: bad}
+compare:
+  - {label: MSE − KL, a: mse, b: a}
+""" % json.dumps(TINY)
+
+
+def write_plan(tmp_path, text=PLAN, name="tiny.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    "The tiny plan run once: `a` and `mse` train, `bad` fails (3 test videos < rerank_topk 4), `ev` evaluates mse."
+    tmp = tmp_path_factory.mktemp("plan")
+    plan = write_plan(tmp)
+    out = tmp / "results"
+    res = run_plan(plan, "synthetic", out=out, progress=False, log=lambda *a: None)
+    return plan, out, res
+
+
+def test_every_paper_plan_loads_and_expands_under_both_profiles():
+    names = plan_names()
+    want = {f"diffusionret/{t}" for t in ("table1", "table2", "tableA", "table3", "table4", "table5", "tableB", "fig4", "fig5")}
+    assert want <= set(names), sorted(want - set(names))
+    env = dict.fromkeys(("MSRVTT_ROOT", "CLIP_WEIGHTS", "LSMDC_ROOT", "MSVD_ROOT", "ACTIVITYNET_ROOT", "DIDEMO_ROOT"), "/x")
+    for n in names:
+        p = load_plan(n)
+        assert p["minutes"].get("synthetic", 99) <= 60, n                      # no plan over an hour on 2 cores
+        for profile in ("synthetic", "paper"):
+            jobs = plan_jobs(p, profile, variables=env)
+            assert len({j.key for j in jobs}) == len(jobs), n
+            known = {j.key for j in jobs}
+            assert all(d in known for j in jobs for d in j.needs), n        # every job's needs are in the plan
+    assert sum(load_plan(f"diffusionret/{t}")["minutes"]["synthetic"] for t in ("table1", "table2", "table3", "table4", "table5", "tableB")) < 180
+
+
+def test_table3e_cells_above_the_diagonal_are_x_with_the_reason():
+    p = load_plan("diffusionret/table3")
+    e = [c for c in p["cells"] if c["table"] == "3e"]
+    assert len(e) == 16
+    na = {(c["row"], c["column"]) for c in e if "na" in c}
+    assert na == {(r, c) for r in ("10", "50", "100", "1000") for c in ("10", "50", "100", "1000") if int(c) > int(r)}
+    assert all("exceed" in c["na"] for c in e if "na" in c)
+
+
+def test_per_profile_entries(tmp_path):
+    p = load_plan("diffusionret/table2")
+    syn, pap = for_profile(p, "synthetic"), for_profile(p, "paper")
+    assert "dr-msvd" in pap["entries"] and "dr-msvd" not in syn["entries"] and "dr-msvd-eval" in syn["entries"]
+    msvd = [c for c in syn["cells"] if c["column"] == "MSVD" and c["row"] == "DiffusionRet (Ours)"]
+    assert msvd[0]["entry"] == "dr-msvd-eval"
+    c4c = [c for c in syn["cells"] if c["column"] == "LSMDC" and c["row"] == "CLIP4Clip"][0]
+    assert "not run under the synthetic profile" in c4c["na"]
+
+
+@pytest.mark.parametrize("old,new,msg", [
+    ("gen_loss: mse}", "gen_loss: mse, epoks: 2}", "entry 'mse': unknown parameter 'epoks'"),
+    ("template: evaluate, checkpoint: a, params: {test_limit: 3}", "template: evaluat, checkpoint: a, params: {}", "entry 'bad': template 'evaluat'"),
+    ("params: {diff_eval_steps: 5}", "params: {lr: 0.1}", "entry 'ev': parameter 'lr' changes the trained model"),
+    ("stage1: a,", "stage1: b,", "entry 'mse': stage1: 'b' is not an entry"),
+])
+def test_a_bad_plan_fails_before_anything_runs(tmp_path, old, new, msg):
+    assert old in PLAN
+    plan = write_plan(tmp_path, PLAN.replace(old, new))
+    with pytest.raises(PlanError, match=msg.replace("(", r"\(")):
+        run_plan(plan, "synthetic", out=tmp_path / "results", progress=False)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_bad_value_and_a_stage1_mismatch_fail_before_anything_runs(tmp_path):
+    plan = write_plan(tmp_path, PLAN.replace("gen_loss: mse}", "gen_loss: mse, lr: 0.5}"))
+    with pytest.raises(PlanError, match="entry 'mse'.*reuses the stage 1 of a-s0, trained with other values of \\['lr'\\]"):
+        run_plan(plan, "synthetic", out=tmp_path / "results", progress=False)
+    assert not (tmp_path / "results").exists()
+
+
+def test_only_selects_an_entry_and_what_it_needs(tmp_path):
+    jobs = plan_jobs(load_plan(write_plan(tmp_path)), "synthetic", out=tmp_path)
+    assert [j.label for j in select_jobs(jobs, only=["ev"])] == ["a-s0", "mse-s0", "ev-s0"]
+    with pytest.raises(PlanError, match="no entry 'zz'"):
+        select_jobs(jobs, only=["zz"])
+
+
+def test_a_failed_entry_does_not_stop_the_others(ran):
+    plan, out, res = ran
+    assert {k: v[0] for k, v in res.items()} == {"a-s0": "done", "mse-s0": "done", "bad-s0": "failed", "ev-s0": "done"}
+    assert "exceeds" in res["bad-s0"][1] or "rerank_topk" in res["bad-s0"][1], res["bad-s0"]
+    d = out / "tiny"
+    for e in ("a-s0", "mse-s0", "ev-s0"):
+        for f in ("params.json", "metrics.json", "executed.ipynb", "log.txt", "entry.json", "eval_arrays.npz"):
+            assert (d / e / f).is_file(), (e, f)
+    assert (d / "bad-s0" / "error.txt").is_file() and (d / "bad-s0" / "executed.ipynb").is_file()
+    assert not (d / "bad-s0" / "metrics.json").exists()
+    st = dict((n, (s, detail)) for n, s, detail in plan_status(plan, out))
+    assert st["bad-s0"][0] == "failed" and st["bad-s0"][1] and st["a-s0"] == ("done", "")
+
+
+def test_stage1_is_reused_not_retrained(ran):
+    plan, out, res = ran
+    mse = json.loads((out / "tiny" / "mse-s0" / "metrics.json").read_text())
+    assert mse["stage1"]["selected"] == {"stage1_checkpoint": str(out.resolve() / "tiny" / "a-s0" / "checkpoints" / "best.pt")}
+    a = json.loads((out / "tiny" / "a-s0" / "metrics.json").read_text())
+    assert mse["stage1"]["t2v"] == a["stage1"]["t2v"]                         # the same stage 1 on the same test split
+    assert not (out / "tiny" / "mse-s0" / "checkpoints" / "best.pt").exists()
+    ev = json.loads((out / "tiny" / "ev-s0" / "metrics.json").read_text())
+    assert ev["rerank"]["steps"] == 5 and ev["stage1"]["t2v"] == a["stage1"]["t2v"]
+
+
+def test_a_rerun_skips_finished_entries_and_retries_the_failed_one(ran, tmp_path):
+    plan, out, _ = ran
+    before = {e: (out / "tiny" / e / "metrics.json").stat().st_mtime_ns for e in ("a-s0", "mse-s0", "ev-s0")}
+    res = run_plan(plan, "synthetic", out=out, progress=False, log=lambda *a: None)
+    assert {k: v[0] for k, v in res.items()} == {"a-s0": "done", "mse-s0": "done", "bad-s0": "failed", "ev-s0": "done"}
+    assert all(res[e][1] == "already complete" for e in before)
+    assert before == {e: (out / "tiny" / e / "metrics.json").stat().st_mtime_ns for e in before}
+    with pytest.raises(PlanError, match="made with other values of \\['epochs'\\]"):     # another -p: refuse, do not mix
+        run_plan(plan, "synthetic", {"epochs": 2}, out=out, progress=False)
+
+
+def test_the_report_renders_missing_cells_and_the_paper_labels(ran):
+    plan, out, _ = ran
+    rep = report_plan(plan, out)
+    md = (rep / "table.md").read_text()
+    assert "Synthetic analogue" in md and "profile `synthetic`" in md
+    assert "—" in md and "diffret plan run" in md and "--only bad" in md             # the failed cell and its command
+    tex, csv = (rep / "table.tex").read_text(), (rep / "table.csv").read_text()
+    for label in ("KL", "MSE", "R@1", "MnR"): assert label in tex and label in csv, label
+    assert "\\toprule" in tex and "\\bottomrule" in tex
+    assert (rep / "report.ipynb").is_file()
+
+
+def test_plan_runs_name_the_folders(tmp_path):
+    p = load_plan(write_plan(tmp_path))
+    assert [r["dir"].name for r in plan_runs(p, tmp_path)] == ["a-s0", "mse-s0", "bad-s0", "ev-s0"]
+    assert job_status(tmp_path / "nothing") == ("not run", "")
+
+
+def test_parallel_entries_share_the_cores():
+    from diffusionret_nb.plans import _threads
+    import os
+    cores = len(os.sched_getaffinity(0))
+    assert _threads(1) == {}                                                    # one entry: torch's default
+    assert _threads(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert _threads(cores * 4)["OMP_NUM_THREADS"] == "1"
