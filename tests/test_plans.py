@@ -1,6 +1,5 @@
 "The plan layer end to end on a tiny plan: papermill entries, failures kept to themselves, skipping, reuse, the report."
 import json
-from pathlib import Path
 
 import pytest
 

@@ -239,6 +239,7 @@ m.load_plan = lambda name: json.loads(Path({plan_json!r}).read_text())
 def plan_runs(plan, out):
     return [dict(r, dir=Path(out) / plan["name"] / Path(r["dir"]).name) for r in json.loads(Path({runs_json!r}).read_text())]
 m.plan_runs = plan_runs
+m.for_profile = lambda plan, profile: plan
 sys.modules["diffusionret_nb.plans"] = m
 import diffusionret_nb.results as R
 R.PAPERS = Path({papers!r})
