@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 from pathlib import Path
@@ -22,7 +22,7 @@ from .datasets import FrameSource, VideoTextDataset, eval_texts
 from .inference import encode_gallery, encode_videos, gallery_arrays, gallery_metrics
 from .learner import EvalCB
 from .metrics import format_table
-from .postprocess import apply_postprocess
+from .postprocess import postprocess_gallery, postprocess_metrics
 from .registry import checkpoint_info, create_model, load_model, read_checkpoint
 from .rerank import rerank_metrics, trace_queries, trace_rerank
 from .training import (RUNTIME_KEYS, CaptionPairs, check_stage2_config, stage_plan, train_stage1, train_stage2,
@@ -81,7 +81,7 @@ class SplitEvaluator:
     def __init__(self, cfg:RunConfig, records:list, device, final:bool=False):
         self.cfg, self.records, self.device, self.final = cfg, records, device, final
         self.adapter, self.src = get_adapter(cfg.data.dataset), FrameSource.from_config(cfg)
-        self.post = final and cfg.eval.postprocess != "none"
+        self.post, self.sims = final and cfg.eval.postprocess != "none", None
         self.bank = load_records(cfg, cfg.data.train_split) if self.post and cfg.eval.postprocess == "qbnorm" else None
 
     def gallery(self, model, progress:bool=True):
@@ -94,7 +94,8 @@ class SplitEvaluator:
 
     def metrics(self, g, model) -> dict:
         "Metrics of gallery `g` (post-processed and with diagnostics when final)."
-        m = apply_postprocess(g, self.cfg, model, self.bank, self.device) if self.post else gallery_metrics(g)
+        self.sims = postprocess_gallery(g, self.cfg, model, self.bank, self.device) if self.post else None
+        m = postprocess_metrics(g, self.cfg.eval.postprocess, sims=self.sims) if self.post else gallery_metrics(g)
         if self.final and self.adapter.diagnostics: m.update(self.adapter.diagnostics(g, self.records))
         return m
 
@@ -172,12 +173,20 @@ def _untrained(cfg:RunConfig, evaluate, device) -> dict:
     m = evaluate(create_model(cfg).to(device))
     return {k: v for k, v in m.items() if k in ("t2v", "v2t") or k.startswith("twin_")}
 
-def with_stage2(m:dict, g, gen, cfg:RunConfig, device, arrays:dict=None) -> dict:
-    "Metrics `m` of gallery `g` with the stage-1 block moved under 'stage1' and the re-ranked metrics on top (`arrays` gains theirs)."
+def with_stage2(m:dict, g, gen, cfg:RunConfig, device, arrays:dict=None, sims:tuple=None) -> dict:
+    """Metrics `m` of gallery `g` with the stage-1 block moved under 'stage1' and the re-ranked metrics on top (`arrays` gains
+    theirs); with post-processed `sims` (t2v, v2t, note), each direction re-ranks its post-processed similarity."""
     stage1 = {k: m.pop(k) for k in ("t2v", "v2t", "model", "selected", "train") if k in m}
     stage1.update({k: m.pop(k) for k in list(m) if k.startswith("twin_") or k in ("raw", "postprocess")})
-    rr = rerank_metrics(g, gen, cfg.diffusion, device=device, arrays=arrays is not None)
-    if arrays is not None: arrays.update(rr.pop("arrays"), **trace_arrays(g, gen, cfg, device))
+    want = arrays is not None
+    if sims is None: rr = rerank_metrics(g, gen, cfg.diffusion, device=device, arrays=want)
+    else:                                    # re-ranking starts from the post-processed similarity of each direction
+        g, gv = replace(g, sim=sims[0]), replace(g, sim=sims[1])
+        rr, rv = (rerank_metrics(x, gen, cfg.diffusion, device=device, arrays=want) for x in (g, gv))
+        rr.update(v2t=rv["v2t"], v2t_std=rv["v2t_std"], per_seed=[dict(a, v2t=b["v2t"]) for a, b in zip(rr["per_seed"], rv["per_seed"])],
+                  postprocess=f"{sims[2]}, applied to the similarity that re-ranking starts from")
+        if want: rr["arrays"]["stage2_v2t_ranks"] = rv["arrays"]["stage2_v2t_ranks"]
+    if want: arrays.update(rr.pop("arrays"), **trace_arrays(g, gen, cfg, device))
     return {**m, **rr, "model": "stage 2", "stage1": stage1}
 
 N_TRACES = 4       # queries whose x0_hat is recorded at every sampler step (Figure 5)
@@ -278,7 +287,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     if do2:
         learn2, gen = run_stage2(cfg, model, run_dir, device, progress)
         t2 = time.time()
-        m = dict(with_stage2(m, g, gen, cfg, device, arrays), selected=_selected(learn2, cfg), train=_train_info(learn2))
+        m = dict(with_stage2(m, g, gen, cfg, device, arrays, evaluate.sims), selected=_selected(learn2, cfg), train=_train_info(learn2))
         eval_seconds += time.time() - t2                    # the test evaluation, not stage 2's training
         history["stage2"] = dict(steps=learn2.history, evals=getattr(learn2, "evals", []))
     m["eval_seconds"] = round(eval_seconds, 2)
@@ -358,7 +367,7 @@ def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=
             g = ev.gallery(s1.to(device), progress)
             m = dict(ev.metrics(g, s1), split=cfg.data.test_split, model="stage 1")
             arrays = gallery_arrays(g, prefix="stage1")
-            if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device, arrays)
+            if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device, arrays, ev.sims)
             m.update(eval_seconds=round(time.time() - t0, 2), **peak_memory(device))
             save_arrays(run_dir / "eval_arrays.npz", arrays)
             m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None and k != "state"})

@@ -12,7 +12,7 @@ from .core import ConfigError, DiffRetError
 
 # %% auto #0
 __all__ = ['MODES', 'dual_softmax', 'activation_set', 'inverted_softmax', 'qb_norm', 'postprocess_sims', 'query_bank',
-           'bank_similarity', 'postprocess_metrics', 'apply_postprocess']
+           'bank_similarity', 'postprocess_metrics', 'postprocess_gallery', 'apply_postprocess']
 
 # %% ../nbs/53_postprocess.ipynb #84d2a12b
 def _as_tensor(sim) -> torch.Tensor:
@@ -79,22 +79,26 @@ def bank_similarity(model, texts:list, video:dict, n_words:int, batch_size:int=6
     try: return model.gallery_similarity(encode_texts(model, texts, n_words, batch_size, device), video, block, device)
     finally: model.train(was)
 
-def postprocess_metrics(g, mode:str="none", bank_t2v=None, bank_v2t=None, beta:float=20.0, temp:float=100.0) -> dict:
-    "Metrics of gallery `g` after post-processing `mode`; the raw ones under 'raw' when a mode is applied."
+def postprocess_metrics(g, mode:str="none", bank_t2v=None, bank_v2t=None, beta:float=20.0, temp:float=100.0, sims=None) -> dict:
+    "Metrics of gallery `g` after post-processing `mode` (or of its already post-processed `sims`); the raw ones under 'raw'."
     from diffusionret_nb.inference import gallery_metrics
-    t2v, v2t, note = postprocess_sims(g.sim, mode, bank_t2v, bank_v2t, beta, temp)
+    t2v, v2t, note = sims or postprocess_sims(g.sim, mode, bank_t2v, bank_v2t, beta, temp)
     m = gallery_metrics(g, t2v)
     if mode == "none": return {**m, "postprocess": note}
     raw = gallery_metrics(g)
     return {**m, "v2t": gallery_metrics(g, v2t)["v2t"], "postprocess": note, "raw": {"t2v": raw["t2v"], "v2t": raw["v2t"]}}
 
 # %% ../nbs/53_postprocess.ipynb #ff63c4a9
-def apply_postprocess(g, cfg, model=None, train_records=None, device="cpu") -> dict:
-    "Metrics of gallery `g` with the post-processing of `cfg.eval` (QB-Norm encodes a bank of `train_records` captions with `model`)."
+def postprocess_gallery(g, cfg, model=None, train_records=None, device="cpu") -> tuple:
+    "(t2v, v2t, note): gallery `g`'s similarity after the post-processing of `cfg.eval` (QB-Norm: a bank of `train_records` captions)."
     e = cfg.eval
     bank = None
     if e.postprocess == "qbnorm":
         if model is None or train_records is None: raise ConfigError("postprocess='qbnorm' needs the model and the training records")
         texts = query_bank(train_records, e.qb_bank_size, cfg.train.seed)
         bank = bank_similarity(model, texts, g.video, cfg.data.n_words, e.eval_batch_size, e.sim_block, device)
-    return postprocess_metrics(g, e.postprocess, bank_t2v=bank, beta=e.qb_beta)
+    return postprocess_sims(g.sim, e.postprocess, bank_t2v=bank, beta=e.qb_beta)
+
+def apply_postprocess(g, cfg, model=None, train_records=None, device="cpu") -> dict:
+    "Metrics of gallery `g` with the post-processing of `cfg.eval` (QB-Norm encodes a bank of `train_records` captions with `model`)."
+    return postprocess_metrics(g, cfg.eval.postprocess, sims=postprocess_gallery(g, cfg, model, train_records, device))
