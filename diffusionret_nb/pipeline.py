@@ -31,9 +31,9 @@ from .training import (RUNTIME_KEYS, CaptionPairs, check_stage2_config, stage_pl
 # %% auto #0
 __all__ = ['N_TRACES', 'STAGE1_FREE', 'STAGE1_DATA', 'EVAL_OVERRIDABLE', 'absolute_paths', 'check_inputs', 'check_missing',
            'test_records', 'SplitEvaluator', 'rerank_evaluator', 'encode_bank', 'run_stage2', 'with_stage2',
-           'trace_arrays', 'save_arrays', 'peak_memory', 'reset_peak_memory', 'check_rerank_topk', 'check_stages',
-           'stage1_param_diff', 'reused_stage1', 'train_eval', 'check_eval_overrides', 'locate_checkpoints',
-           'evaluate_checkpoint']
+           'stage1_arrays', 'trace_arrays', 'save_arrays', 'peak_memory', 'reset_peak_memory', 'check_rerank_topk',
+           'check_stages', 'stage1_param_diff', 'reused_stage1', 'train_eval', 'check_eval_overrides',
+           'locate_checkpoints', 'evaluate_checkpoint']
 
 # %% ../nbs/60_pipeline.ipynb #7f9df59f
 _PATH_KEYS = ("data_root", "frame_cache_dir", "checkpoint", "stage1_checkpoint")
@@ -189,6 +189,10 @@ def with_stage2(m:dict, g, gen, cfg:RunConfig, device, arrays:dict=None, sims:tu
     if want: arrays.update(rr.pop("arrays"), **trace_arrays(g, gen, cfg, device))
     return {**m, **rr, "model": "stage 2", "stage1": stage1}
 
+def stage1_arrays(g, sims:tuple=None) -> dict:
+    "The stage-1 arrays of gallery `g` (see `gallery_arrays`), of its post-processed similarity `sims` (t2v, v2t, note) when given."
+    return gallery_arrays(g, prefix="stage1") if sims is None else gallery_arrays(g, "stage1", sim=sims[0], sim_v2t=sims[1].T)
+
 N_TRACES = 4       # queries whose x0_hat is recorded at every sampler step (Figure 5)
 
 def trace_arrays(g, gen, cfg:RunConfig, device) -> dict:
@@ -281,7 +285,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     selected = dict(stage1_checkpoint=str(reused[1])) if reused else _selected(learn, cfg)
     m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=selected)
     if learn: m["train"] = _train_info(learn)
-    arrays = gallery_arrays(g, prefix="stage1")
+    arrays = stage1_arrays(g, evaluate.sims)
     history = dict(steps=learn.history if learn else [], evals=getattr(learn, "evals", []))
     eval_seconds = time.time() - t1
     if do2:
@@ -366,7 +370,7 @@ def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=
             reset_peak_memory(device); t0 = time.time()
             g = ev.gallery(s1.to(device), progress)
             m = dict(ev.metrics(g, s1), split=cfg.data.test_split, model="stage 1")
-            arrays = gallery_arrays(g, prefix="stage1")
+            arrays = stage1_arrays(g, ev.sims)
             if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device, arrays, ev.sims)
             m.update(eval_seconds=round(time.time() - t0, 2), **peak_memory(device))
             save_arrays(run_dir / "eval_arrays.npz", arrays)
