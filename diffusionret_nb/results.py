@@ -372,8 +372,8 @@ def traces(spec:dict, plan:dict, runs:list, cells=None, max_queries:int=4):
     fig, axes = _figure(1, n, w=4.0, h=3.2)
     for i in range(n):
         ax = axes[0][i]
-        sns.heatmap(x0[i], ax=ax, cmap="viridis", vmin=0, vmax=float(x0[:n].max()), cbar=i == n - 1,
-                    yticklabels=[str(t) for t in ts])          # one colour scale for all panels
+        sns.heatmap(pd.DataFrame(x0[i], index=ts), ax=ax, cmap="viridis", vmin=float(x0[:n].min()), vmax=float(x0[:n].max()),
+                    cbar=i == n - 1, yticklabels=max(1, len(ts) // 8), xticklabels=max(1, x0.shape[2] // 8))   # one colour scale
         ax.tick_params(axis="y", labelrotation=0)
         ax.set_xlabel("candidate (stage-1 order)"); ax.set_ylabel("sampling step t" if i == 0 else "")
         if pos[i] >= 0: ax.add_patch(Rectangle((pos[i], 0), 1, x0.shape[1], fill=False, edgecolor="red", lw=2))
