@@ -59,7 +59,6 @@ def test_every_paper_plan_loads_and_expands_under_both_profiles():
             assert len({j.key for j in jobs}) == len(jobs), n
             known = {j.key for j in jobs}
             assert all(d in known for j in jobs for d in j.needs), n        # every job's needs are in the plan
-    assert sum(load_plan(f"diffusionret/{t}")["minutes"]["synthetic"] for t in ("table1", "table2", "table3", "table4", "table5", "tableB")) < 180
 
 
 def test_table3e_cells_above_the_diagonal_are_x_with_the_reason():
