@@ -348,17 +348,21 @@ def job_config(job:Job, by:dict):
 
 def check_jobs(jobs:list, records:bool=True):
     "Check every job's parameters and inputs; a `PlanError` naming the job."
-    by = {j.key: j for j in jobs}
+    by, checked = {j.key: j for j in jobs}, set()
     for j in jobs:
         where = f"plan {j.plan}, entry {j.entry!r} ({j.label})"
         try:
             cfg = job_config(j, by)
-            check_inputs(build_config(**{**cfg.flat(), "stage1_checkpoint": "", "checkpoint": ""}))   # those come from other jobs
+            flat = {**cfg.flat(), "stage1_checkpoint": "", "checkpoint": ""}        # those come from other jobs
+            key = json.dumps({k: v for k, v in flat.items() if k != "seed"}, sort_keys=True, default=str)
+            if key in checked: continue                                           # the same inputs as a job already checked
+            check_inputs(build_config(**flat))
             if records: check_records(cfg)
             if j.template == "train_eval" and j.params.get("stage1_checkpoint"):
                 dep = by[j.params["stage1_checkpoint"]]
                 diff = stage1_param_diff(job_config(dep, by).flat(), cfg.flat())
                 if diff: raise ConfigError(f"it reuses the stage 1 of {dep.label}, trained with other values of {diff}")
+            checked.add(key)
         except DiffRetError as e:
             raise PlanError(f"{where}: {e}") from None
 
