@@ -154,12 +154,13 @@ def cmd_plan(args):
     from diffusionret_nb import plans
     sub = "reproduce" if args.cmd == "reproduce" else args.plan_cmd
     if sub == "list":
+        placeholders = dict.fromkeys(_needed_vars(), "?")                # read the plan files once, not per plan and profile
         for n in plans.plan_names():
             p = plans.load_plan(n)
             if args.paper and p["paper"] != args.paper: continue
             counts = []
             for k in p["profiles"]:
-                jobs = plans.plan_jobs(p, k, variables=dict.fromkeys(_needed_vars(), "?"))
+                jobs = plans.plan_jobs(p, k, variables=placeholders)
                 other = sum(":" in j.label for j in jobs)
                 counts.append(f"{k}: {len(jobs) - other} runs" + (f" (+ {other} of {', '.join(sorted(p['external']))})" if other else "")
                               + (f", ~{p['minutes'][k]} min on 2 CPU cores" if k in p["minutes"] else ""))

@@ -430,7 +430,7 @@ def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=1,
         if diff: raise PlanError(f"{j.dir} holds a run of entry {j.entry!r} made with other values of {diff}; add --force "
                                  f"{j.entry} to move it aside and run it again, or choose another --out")
     for j in todo: ensure_writable(j.dir.parent, "output folder")
-    result, running, state = {}, {}, {}
+    result, running, state, labels = {}, {}, {}, {j.key: j.label for j in jobs}
     for j in todo:
         if forced(j) and j.dir.exists():
             old = j.dir.with_name(f"{j.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -443,7 +443,7 @@ def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=1,
         while len(result) < len(todo):
             for j in todo:
                 if j.key in state or len(running) >= max(1, n_jobs): continue
-                bad = [by.label for d in j.needs for by in todo if by.key == d and state.get(d) in ("failed", "blocked")]
+                bad = [labels[d] for d in j.needs if state.get(d) in ("failed", "blocked")]
                 if bad:
                     state[j.key] = "blocked"; result[j.key] = ("blocked", f"needs {', '.join(bad)}, which did not finish", 0.0)
                     bar.update(1); continue
