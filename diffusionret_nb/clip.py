@@ -142,7 +142,7 @@ class CLIPBackbone(nn.Module):
 class WeightsInfo:
     "Where a CLIP state dict came from and what it records about its architecture."
     source: str                   # the file, or the download, the weights came from
-    kind: str                     # 'torchscript', 'state_dict', 'project', 'safetensors' or 'open_clip'
+    kind: str                     # 'torchscript', 'state_dict', 'project', 'workbook', 'safetensors' or 'open_clip'
     openai: bool = False          # OpenAI's weights (trained with QuickGELU)
     quick_gelu: bool|None = None  # the activation the weights were trained with; None: not recorded
     arch: dict|None = None        # the architecture a project file was saved from
@@ -150,7 +150,7 @@ class WeightsInfo:
 PROJECT_FORMAT = "diffusionret_nb.clip"  # the `format` entry of files written by `save_clip`
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")  # non-weight entries of OpenAI archives
 _EXPECTED = ("an OpenAI TorchScript archive (e.g. ViT-B-32.pt), an open_clip/PyTorch state dict "
-             "(.pt/.pth/.bin, possibly wrapped as {'state_dict': ...}) or a .safetensors file")
+             "(.pt/.pth/.bin, possibly wrapped as {'state_dict': ...}), a .safetensors file or a workbook stage-1 checkpoint")
 
 # %% ../nbs/01_clip.ipynb #f1b6ba2e
 def _is_torchscript(path:Path) -> bool:
@@ -181,6 +181,12 @@ def _read_raw(path:Path):
 # %% ../nbs/01_clip.ipynb #6912c519
 def _unwrap(obj, path:Path, kind:str) -> tuple[dict, WeightsInfo]:
     "The name->tensor dict inside `obj` and what the file records about it."
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("params"), dict):
+        sd = {k[len("clip.clip."):]: v for k, v in obj["model"].items() if k.startswith("clip.clip.")}   # a workbook checkpoint
+        if not sd: raise CheckpointError(f"{path} is a workbook checkpoint without CLIP weights (no 'clip.clip.*' entries: "
+                                         f"a stage-2 generator's?); pass a stage-1 checkpoint of any arch")
+        arch = (obj["params"].get("preset_resolved") or {}).get("arch")
+        return sd, WeightsInfo(str(path), "workbook", quick_gelu=None if arch is None else bool(arch.get("quick_gelu")), arch=arch)
     meta = obj if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else {}
     sd = meta["state_dict"] if meta else obj
     if not isinstance(sd, dict) or not sd:

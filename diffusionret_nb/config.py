@@ -71,9 +71,9 @@ class SyntheticConfig:
 class ModelConfig:
     "Backbone and stage-1 model."
     arch: str = P("diffusionret", "retrieval model (diffusionret_nb.registry.ARCHS): 'diffusionret' (stage 1 of DiffusionRet), "
-                  "'clip4clip_meanp', 'clip4clip_seqtransf' (CLIP4Clip) or 'xpool' (X-Pool); a non-default arch brings its "
+                  "'clip4clip_meanp', 'clip4clip_seqtransf' (CLIP4Clip), 'xpool' (X-Pool) or 'dits' (DITS on X-Pool); a non-default arch brings its "
                   "recipe (diffusionret_nb/paramsets/<arch>.json) as the defaults of the parameters you do not set",
-                  choices=("diffusionret", "clip4clip_meanp", "clip4clip_seqtransf", "xpool"))
+                  choices=("diffusionret", "clip4clip_meanp", "clip4clip_seqtransf", "xpool", "dits"))
     preset: str = P("vitb32", "model preset (diffusionret_nb/presets/<name>.json): tiny | vitb32 | vitb16")
     pretrained: str = P("", "CLIP weights: '' random init, 'openai' (download), or a local file "
                         "(OpenAI TorchScript archive or open_clip state dict)")
@@ -86,7 +86,40 @@ class ModelConfig:
                          "and update it in place like the reference (CUDA only)", choices=("fp32", "reference_fp16"))
     freeze_patch_conv: bool = P(True, "freeze CLIP's patch-embedding conv like the reference")
     xpool_dropout: float = P(0.3, "X-Pool: dropout of the pooled video's residual branch (0.3 MSRVTT/LSMDC, 0.4 otherwise)",
-                             min=0.0, archs=("xpool",))
+                             min=0.0, archs=("xpool", "dits"))
+    dits_truncation: int = P(10, "DITS: T', the truncated sampler's steps from the text embedding (10; 5 on DiDeMo; 0 = X-Pool)",
+                             min=0, archs=("dits",))
+    dits_schedule_steps: int = P(0, "DITS: length of the linear β schedule whose first T' steps the sampler runs (0 = T': the "
+                                 "paper's 'β = 0.1 and β = 0.99' read as β_1 and β_T')", min=0, archs=("dits",))
+    dits_beta_start: float = P(0.1, "DITS: β_1 of the linear schedule", min=0.0, archs=("dits",))
+    dits_beta_end: float = P(0.99, "DITS: the last β of the linear schedule", min=0.0, archs=("dits",))
+    dits_depth: int = P(4, "DITS: DiT blocks of the alignment network ε_γ", min=1, archs=("dits",))
+    dits_heads: int = P(16, "DITS: attention heads of ε_γ (its width is the embedding width)", min=1, archs=("dits",))
+    dits_mlp_ratio: float = P(4.0, "DITS: MLP width / embedding width in ε_γ", min=0.0, archs=("dits",))
+    dits_alignment: str = P("truncated", "DITS: how the text is aligned: 'truncated' (DITS, Eq. 8), 'fixed_prior' (t + N(0, σ²I), "
+                            "Eq. 3; Table 4) or 'diffusion' (vanilla DDPM on the gap from N(0, I), Eqs. 4-7; Tables 4, 7)",
+                            choices=("truncated", "fixed_prior", "diffusion"), archs=("dits",))
+    dits_prior_var: float = P(1.0, "DITS: σ² of the fixed prior (Table 4: 1.0 and 0.1)", min=0.0, archs=("dits",))
+    dits_diffusion_steps: int = P(10, "DITS: T of the vanilla diffusion alignment (the paper's 10)", min=1, archs=("dits",))
+    dits_objective: str = P("contrastive", "DITS: 'contrastive' (InfoNCE on the aligned text, everything trained jointly) or "
+                            "'denoise' (Eq. 6: only ε_γ trains, on the gap of frozen CLIP/X-Pool embeddings; Table 4's "
+                            "'pretrain' row)", choices=("contrastive", "denoise"), archs=("dits",))
+    dits_denoise_loss: str = P("l2", "DITS: the denoising loss of objective 'denoise' (Table 7: l2 or l1)", choices=("l2", "l1"),
+                               archs=("dits",))
+    dits_condition: str = P("none", "DITS: extra condition of ε_γ besides the step (Table 6a): 'none' (DITS), 't' (the text), "
+                            "'v' (the text-conditioned video: then every text-video pair runs its own chain) or 'tv'",
+                            choices=("none", "t", "v", "tv"), archs=("dits",))
+    dits_gap: str = P("v-t", "DITS: the modality gap the chain bridges (Table 6b): 'v-t' (the chain starts at the text and ends near "
+                      "the video) or 't-v' (it starts at the text-conditioned video and ends near the text)",
+                      choices=("v-t", "t-v"), archs=("dits",))
+    dits_pool_query: str = P("t", "DITS: the text embedding that queries X-Pool's pooling: 't' (open point, default) or 'aligned' (v_0)",
+                             choices=("t", "aligned"), archs=("dits",))
+    dits_normalize: bool = P(False, "DITS: L2-normalise the embeddings before the sampler (open point; default no)", archs=("dits",))
+    dits_train_noise: bool = P(True, "DITS: draw z (λ_τ z) while training, as Eq. 8", archs=("dits",))
+    dits_eval_noise: bool = P(False, "DITS: draw z (and the fixed prior's noise) at test time too, from a generator seeded with `seed` "
+                              "(open point; default no, so evaluation is deterministic)", archs=("dits",))
+    dits_xpool_loss: bool = P(False, "DITS: also keep X-Pool's plain loss L(t, v) beside L(v_0, v) (open point; default no)",
+                              archs=("dits",))
 
 @dataclass
 class TrainConfig:

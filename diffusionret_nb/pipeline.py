@@ -32,8 +32,8 @@ from .training import (RUNTIME_KEYS, CaptionPairs, check_stage2_config, stage_pl
 __all__ = ['N_TRACES', 'STAGE1_FREE', 'STAGE1_DATA', 'EVAL_OVERRIDABLE', 'absolute_paths', 'check_inputs', 'check_missing',
            'test_records', 'SplitEvaluator', 'rerank_evaluator', 'encode_bank', 'run_stage2', 'with_stage2',
            'stage1_arrays', 'trace_arrays', 'save_arrays', 'peak_memory', 'reset_peak_memory', 'check_rerank_topk',
-           'check_stages', 'stage1_param_diff', 'reused_stage1', 'train_eval', 'check_eval_overrides',
-           'locate_checkpoints', 'evaluate_checkpoint']
+           'check_stages', 'stage1_param_diff', 'reused_stage1', 'train_eval', 'run_folder_inputs', 'with_alignment',
+           'check_eval_overrides', 'locate_checkpoints', 'evaluate_checkpoint']
 
 # %% ../nbs/60_pipeline.ipynb #7f9df59f
 _PATH_KEYS = ("data_root", "frame_cache_dir", "checkpoint", "stage1_checkpoint")
@@ -268,7 +268,23 @@ def train_eval(cfg:RunConfig, run_dir, progress:bool=True) -> dict:
     "Train stage 1 and, when asked, stage 2 (resuming when interrupted); evaluate the selected models on the test split; write the run folder."
     with run_lock(run_dir): return _train_eval(cfg, Path(run_dir), progress)
 
+def run_folder_inputs(cfg:RunConfig) -> RunConfig:
+    "`cfg` with a run folder given as `checkpoint` (start from) or `pretrained` (CLIP weights) replaced by its stage-1 checkpoint file."
+    out = {}
+    for k, v in (("checkpoint", cfg.eval.checkpoint), ("pretrained", cfg.model.pretrained)):
+        if v and v != "openai" and Path(v).expanduser().is_dir():
+            out[k] = str(locate_checkpoints(v)["stage1"])
+    return build_config(**{**cfg.flat(), **out}) if out else cfg
+
+def with_alignment(m:dict, arrays:dict, model, g, device) -> tuple:
+    "`m` and `arrays` with the model's alignment diagnostics on gallery `g` (DITS: Table 9, Figures 3-4), when it has them."
+    if not hasattr(model, "alignment_diagnostics"): return m, arrays
+    d = model.alignment_diagnostics(g.text, g.video, g.text_video, device=device)
+    return (dict(m, alignment={f"mean_{k}": round(float(v.mean()), 6) for k, v in d.items()}),
+            {**arrays, **{f"align_{k}": v for k, v in d.items()}})
+
 def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
+    cfg = run_folder_inputs(cfg)
     check_inputs(cfg); cfg = resolve_config(cfg)
     do1, do2 = stage_plan(cfg)
     check_stages(cfg)                                                          # fail before stage 1 trains
@@ -288,6 +304,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     arrays = stage1_arrays(g, evaluate.sims)
     history = dict(steps=learn.history if learn else [], evals=getattr(learn, "evals", []))
     eval_seconds = time.time() - t1
+    m, arrays = with_alignment(m, arrays, model, g, device)                   # DITS's gap diagnostics (not timed)
     if do2:
         learn2, gen = run_stage2(cfg, model, run_dir, device, progress)
         t2 = time.time()
@@ -307,7 +324,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
 EVAL_OVERRIDABLE = ({f.name for f in fields(DataConfig) if f.name not in ("train_list", "twin_batches", "train_split")}
                     | {f.name for f in fields(SyntheticConfig)} | {f.name for f in fields(EvalConfig)}
                     | {"device", "rerank_topk", "rerank_alpha", "rerank_temp", "rerank_seed", "rerank_n_seeds", "diff_eval_steps",
-                       "diff_sampler", "diff_eta"}) - {"checkpoint"}
+                       "diff_sampler", "diff_eta", "dits_eval_noise"}) - {"checkpoint"}
 
 def check_eval_overrides(stored:RunConfig, overrides:dict, what="the checkpoint"):
     "Refuse, naming them, overrides that would change the trained model or its training."
@@ -373,6 +390,7 @@ def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=
             arrays = stage1_arrays(g, ev.sims)
             if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device, arrays, ev.sims)
             m.update(eval_seconds=round(time.time() - t0, 2), **peak_memory(device))
+            m, arrays = with_alignment(m, arrays, s1, g, device)
             save_arrays(run_dir / "eval_arrays.npz", arrays)
             m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None and k != "state"})
             save_params(cfg, run_dir / "params.json")

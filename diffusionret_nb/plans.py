@@ -22,10 +22,10 @@ from .pipeline import EVAL_OVERRIDABLE, absolute_paths, check_inputs, stage1_par
 from .runner import check_records, template_path
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'PlanError', 'plans_dir', 'plan_names',
-           'plan_path', 'load_plan', 'Job', 'for_profile', 'plan_runs', 'plan_jobs', 'job_config', 'check_jobs',
-           'job_status', 'select_jobs', 'papermill_command', 'run_jobs', 'entry_main', 'run_plan', 'plan_status',
-           'report_plan']
+__all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'PlanError',
+           'plans_dir', 'plan_names', 'plan_path', 'load_plan', 'Job', 'for_profile', 'plan_runs', 'plan_jobs',
+           'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs', 'entry_main',
+           'run_plan', 'plan_status', 'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -33,7 +33,9 @@ class PlanError(ConfigError):
 
 TEMPLATES = ("train_eval", "evaluate")
 PLAN_KEYS = {"title", "doc", "paper", "tables", "minutes", "seeds", "profiles", "entries", "cells", "compare", "figures"}
-ENTRY_KEYS = {"template", "doc", "params", "profiles", "stage1", "checkpoint", "per_seed", "only"}
+ENTRY_KEYS = {"template", "doc", "params", "profiles", "stage1", "checkpoint", "init", "clip_from", "per_seed", "only"}
+DEPS = ("stage1", "checkpoint", "init", "clip_from")         # the entry keys that name another entry
+DEP_PARAMS = (("stage1", "stage1_checkpoint"), ("checkpoint", "checkpoint"), ("init", "checkpoint"), ("clip_from", "pretrained"))
 CELL_KEYS = {"table", "row", "column", "entry", "block", "direction", "na"}
 BLOCKS = ("final", "stage1", "untrained")
 FIGURE_KINDS = ("similarity_hist", "traces", "cost_lines")
@@ -118,7 +120,9 @@ def load_plan(name, _stack:tuple=()) -> dict:
         _need(not ev or spec.get("checkpoint"), w, "an `evaluate` entry needs `checkpoint: <entry>` (whose checkpoints it evaluates)")
         _need(ev or not spec.get("checkpoint"), w, "`checkpoint:` belongs to `evaluate` entries; a train_eval entry reuses a "
               "stage 1 with `stage1: <entry>`")
-        _need(not (ev and spec.get("stage1")), w, "`stage1:` belongs to train_eval entries")
+        for k in ("stage1", "init", "clip_from"): _need(not (ev and spec.get(k)), w, f"`{k}:` belongs to train_eval entries")
+        _need(not (spec.get("stage1") and spec.get("init")), w, "`stage1:` reuses a trained stage 1 and `init:` trains from a "
+              "checkpoint: give one of them")
         per = spec.get("per_seed", True)
         _need(isinstance(per, bool), w, f"per_seed must be true or false, got {per!r}")
         eprof = _mapping(spec.get("profiles"), w, "profiles")
@@ -127,7 +131,7 @@ def load_plan(name, _stack:tuple=()) -> dict:
         for p in list(eprof) + only: _need(p in profiles, w, f"profile {p!r} is not one of the plan's profiles {sorted(profiles)}")
         entries[e] = dict(template=t, doc=spec.get("doc", ""), params=_params(spec.get("params"), w, ev),
                           profiles={p: _params(v, f"{w}, profile {p!r}", ev) for p, v in eprof.items()},
-                          stage1=spec.get("stage1"), checkpoint=spec.get("checkpoint"), per_seed=per, only=only)
+                          per_seed=per, only=only, **{k: spec.get(k) for k in DEPS})
     external = {}
     def resolve(ref, w, train_only=True):
         "`entry` or `plan:entry` (plan relative to this plan's folder or from plans/) -> (full ref, plan dict, entry name)."
@@ -148,7 +152,7 @@ def load_plan(name, _stack:tuple=()) -> dict:
         return f"{other}:{e}", o, e
     for e, spec in entries.items():
         w = f"{where}: entry {e!r}"
-        for k in ("stage1", "checkpoint"):
+        for k in DEPS:
             if spec[k] is None: continue
             spec[k], o, d = resolve(spec[k], f"{w}: {k}")
             dep_per = (o or dict(entries=entries))["entries"][d]["per_seed"] and bool((o or dict(seeds=seeds))["seeds"])
@@ -173,7 +177,7 @@ def _toposort(entries:dict, where:str) -> list:
         if state.get(e) == "done": return
         _need(state.get(e) != "busy", where, f"entries depend on each other in a cycle: {' -> '.join(path + [e])}")
         state[e] = "busy"
-        for d in (entries[e]["stage1"], entries[e]["checkpoint"]):
+        for d in (entries[e][k] for k in DEPS):
             if d and ":" not in d: visit(d, path + [e])
         state[e] = "done"; order.append(e)
     for e in entries: visit(e, [])
@@ -250,8 +254,10 @@ def for_profile(plan:dict, profile:str) -> dict:
     if profile not in plan["profiles"]:
         raise PlanError(f"plan {plan['name']} has no profile {profile!r}; its profiles: {', '.join(plan['profiles'])}")
     entries = {e: s for e, s in plan["entries"].items() if profile in s["only"]}
+    for e, s in list(entries.items()):           # `clip_from` an entry that does not run here: the profile's `pretrained` applies
+        if s["clip_from"] and ":" not in s["clip_from"] and s["clip_from"] not in entries: entries[e] = dict(s, clip_from=None)
     for e, s in entries.items():
-        for k in ("stage1", "checkpoint"):
+        for k in DEPS:
             if s[k] and ":" not in s[k] and s[k] not in entries:
                 raise PlanError(f"plan {plan['name']}: entry {e!r} takes {k} from {s[k]!r}, which does not exist under profile {profile!r}")
     alive = lambda r: r is not None and (":" in r or r in entries)
@@ -315,7 +321,7 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
             p = {k: _fill(v, where, env) for k, v in p.items()}
             p = {k: check_value(k, v) if isinstance(v, str) and k in PARAMS else v for k, v in p.items()}
             needs = []
-            for key, target in (("stage1_checkpoint", spec["stage1"]), ("checkpoint", spec["checkpoint"])):
+            for key, target in ((param, spec[k]) for k, param in DEP_PARAMS):
                 if not target: continue
                 op, te = _split(plan, target)
                 if op is plan: dep = by[(te, _dep_seed(plan, te, s))]
@@ -353,7 +359,9 @@ def check_jobs(jobs:list, records:bool=True):
         where = f"plan {j.plan}, entry {j.entry!r} ({j.label})"
         try:
             cfg = job_config(j, by)
-            flat = {**cfg.flat(), "stage1_checkpoint": "", "checkpoint": ""}        # those come from other jobs
+            dirs = {str(by[n].dir) for n in j.needs}
+            flat = {**cfg.flat(), "stage1_checkpoint": "", "checkpoint": "",           # those come from other jobs
+                    **({"pretrained": ""} if j.params.get("pretrained") in dirs else {})}
             key = json.dumps({k: v for k, v in flat.items() if k != "seed"}, sort_keys=True, default=str)
             if key in checked: continue                                           # the same inputs as a job already checked
             check_inputs(build_config(**flat))

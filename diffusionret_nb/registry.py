@@ -16,13 +16,14 @@ from .core import CheckpointError, ConfigError
 from .generator import Stage2Generator
 from .models import DiffusionRetStage1, apply_clip_update
 from .xpool import XPool
+from .dits_model import DITS
 
 # %% auto #0
 __all__ = ['ARCHS', 'model_dim', 'create_model', 'read_checkpoint', 'checkpoint_info', 'load_model']
 
 # %% ../nbs/34_registry.ipynb #706e56d7
 ARCHS: dict = {"diffusionret": DiffusionRetStage1, "clip4clip_meanp": CLIP4ClipMeanP,
-               "clip4clip_seqtransf": CLIP4ClipSeqTransf, "xpool": XPool}
+               "clip4clip_seqtransf": CLIP4ClipSeqTransf, "xpool": XPool, "dits": DITS}
 
 def model_dim(cfg:RunConfig) -> int:
     "The embedding width D of the run's preset (what a generator on its features needs)."
@@ -77,4 +78,7 @@ def load_model(path, cfg:RunConfig=None, *, stage:int=None, arch:str=None, ck:di
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match the {info['arch']!r} stage-{info['stage']} model: {str(e).splitlines()[0]} "
                               f"{str(e).splitlines()[1][:300] if len(str(e).splitlines()) > 1 else ''}") from None
+    if cfg is not None and hasattr(model, "configure_from"):
+        try: model.configure_from(cfg)           # the run's behaviour options (DITS's T', noise, objective) on the stored weights
+        except ConfigError as e: raise CheckpointError(f"{path}: {e}") from None
     return model, cfg or stored

@@ -37,9 +37,9 @@ class TextConditionedPool(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.linear_proj = (_identity_linear(dim) for _ in range(5))
         self.dropout = nn.Dropout(dropout)
 
-    def prepare_text(self, eot:torch.Tensor) -> dict:
-        "Queries q = W_q LN1(t) (Nt, D) and the unit texts t/|t| (Nt, D)."
-        return dict(q=self.q_proj(self.layer_norm1(eot)), unit=F.normalize(eot, dim=-1))
+    def prepare_text(self, eot:torch.Tensor, unit:torch.Tensor=None) -> dict:
+        "Queries q = W_q LN1(t) (Nt, D), the texts t and the unit vectors the pooled videos are compared with, t/|t| (or `unit`/|`unit`|)."
+        return dict(q=self.q_proj(self.layer_norm1(eot)), x=eot, unit=F.normalize(eot if unit is None else unit, dim=-1))
 
     def prepare_video(self, frames:torch.Tensor, mask:torch.Tensor) -> dict:
         "Keys k_j = W_k LN1(f_j) and projected values W_o u_j (Nv, T, D), and the mask of real frames (Nv, T)."
@@ -77,10 +77,11 @@ def xpool_blocks(n_text:int,              # texts in the gallery
                  n_frames:int,            # T
                  block:int=256,           # at most this many videos per block
                  mem_budget:int=2**29,    # bytes a block's working set may use (512 MiB)
+                 per_pair:int=0,          # floats a pair's working set needs (0: X-Pool's pooling, 3D + 3T)
                 ) -> tuple[int, int]:
-    "(texts, videos) per block so that a block's working set, 4·(3D + 3T) bytes per pair, stays within `mem_budget`."
+    "(texts, videos) per block so that a block's working set, 4·(3D + 3T) bytes per pair (or 4·`per_pair`), stays within `mem_budget`."
     if block < 1 or mem_budget < 1: raise ValueError(f"block and mem_budget must be >= 1, got {block} and {mem_budget}")
-    pairs = max(1, mem_budget // (4 * (3 * dim + 3 * n_frames)))
+    pairs = max(1, mem_budget // (4 * (per_pair or 3 * dim + 3 * n_frames)))
     bv = max(1, min(block, n_video, pairs))
     return max(1, min(n_text, pairs // bv)), bv
 
@@ -91,17 +92,22 @@ def pooled_gallery_similarity(pool:TextConditionedPool, # the pooling module (in
                               block:int=256,            # at most this many videos per block
                               device="cpu",             # where the blocks are computed
                               mem_budget:int=2**29,     # bytes a block's working set may use
+                              query:str="eot",          # the text entry that queries the pooling
+                              unit:str="eot",           # the text entry the pooled videos are compared with
+                              score=None,               # score(prepared texts, prepared videos) -> (nt, nv); default `pool.score`
+                              per_pair:int=0,           # floats per pair of `score`'s working set (0: the pooling's)
                              ) -> torch.Tensor:
     "X-Pool similarity (N_text, N_video) on the CPU, exact, in blocks whose working set stays within `mem_budget`."
     (nt, _), (nv, T, D) = text["eot"].shape, video["frames"].shape
     out = torch.empty(nt, nv)
     if nt == 0 or nv == 0: return out
-    bt, bv = xpool_blocks(nt, nv, D, T, block, mem_budget)
+    bt, bv = xpool_blocks(nt, nv, D, T, block, mem_budget, per_pair)
+    score = score or pool.score
     vids = [(j, pool.prepare_video(video["frames"][j:j + bv].to(device).float(), video["mask"][j:j + bv].to(device)))
             for j in range(0, nv, bv)]                                           # text-independent parts, once
     for i in range(0, nt, bt):
-        t = pool.prepare_text(text["eot"][i:i + bt].to(device).float())
-        for j, v in vids: out[i:i + bt, j:j + bv] = pool.score(t, v).cpu()
+        t = pool.prepare_text(text[query][i:i + bt].to(device).float(), text[unit][i:i + bt].to(device).float())
+        for j, v in vids: out[i:i + bt, j:j + bv] = score(t, v).cpu()
     return out
 
 # %% ../nbs/33_xpool.ipynb #2bde82a3
