@@ -38,7 +38,7 @@ DEPS = ("stage1", "checkpoint", "init", "clip_from")         # the entry keys th
 DEP_PARAMS = (("stage1", "stage1_checkpoint"), ("checkpoint", "checkpoint"), ("init", "checkpoint"), ("clip_from", "pretrained"))
 CELL_KEYS = {"table", "row", "column", "entry", "block", "direction", "na"}
 BLOCKS = ("final", "stage1", "untrained")
-FIGURE_KINDS = ("similarity_hist", "traces", "cost_lines")
+FIGURE_KINDS = ("similarity_hist", "traces", "cost_lines", "gap_hist", "sweep")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -254,8 +254,12 @@ def for_profile(plan:dict, profile:str) -> dict:
     if profile not in plan["profiles"]:
         raise PlanError(f"plan {plan['name']} has no profile {profile!r}; its profiles: {', '.join(plan['profiles'])}")
     entries = {e: s for e, s in plan["entries"].items() if profile in s["only"]}
+    def runs_here(ref):
+        if ":" not in ref: return ref in entries
+        o, te = _split(plan, ref)
+        return profile in o["entries"][te]["only"]
     for e, s in list(entries.items()):           # `clip_from` an entry that does not run here: the profile's `pretrained` applies
-        if s["clip_from"] and ":" not in s["clip_from"] and s["clip_from"] not in entries: entries[e] = dict(s, clip_from=None)
+        if s["clip_from"] and not runs_here(s["clip_from"]): entries[e] = dict(s, clip_from=None)
     for e, s in entries.items():
         for k in DEPS:
             if s[k] and ":" not in s[k] and s[k] not in entries:

@@ -23,8 +23,9 @@ __all__ = ['PAPERS', 'PAPER_COLUMNS', 'BLOCKS', 'RUN_KEYS', 'PAPER_RUN_METRICS',
            'read_params', 'metric_block', 'collect', 'plan_tables', 'direction_of', 'run_command', 'cell_values',
            'paired_bootstrap', 'run_arrays', 'array_prefix', 'done_runs', 'side_name', 'verdict', 'stage_comparisons',
            'comparisons', 'fmt_number', 'cell_text', 'layout', 'tex_escape', 'markdown_table', 'latex_table',
-           'similarity_hist', 'traces', 'cost_lines', 'check_figures', 'save_figure', 'write_figures', 'is_synthetic',
-           'footnotes', 'comparisons_markdown', 'report_markdown', 'report_latex', 'write_report']
+           'similarity_hist', 'traces', 'cost_lines', 'gap_hist', 'sweep', 'check_figures', 'save_figure',
+           'write_figures', 'is_synthetic', 'footnotes', 'comparisons_markdown', 'report_markdown', 'report_latex',
+           'write_report']
 
 # %% ../nbs/63_results.ipynb #f1066c45
 PAPERS = Path(diffusionret_nb.__file__).resolve().parent / "papers"
@@ -51,7 +52,9 @@ def load_paper_numbers(paper:str="diffusionret", path=None) -> pd.DataFrame:
 # %% ../nbs/63_results.ipynb #5f473c17
 BLOCKS = ("final", "stage1", "untrained")
 RUN_KEYS = ("eval_seconds", "peak_memory_mib", "n_queries", "n_candidates")
-PAPER_RUN_METRICS = {"Inference Time (s)": "eval_seconds", "GPU Memory (M)": "peak_memory_mib"}   # Table 4's columns
+PAPER_RUN_METRICS = {"Inference Time (s)": "eval_seconds", "GPU Memory (M)": "peak_memory_mib",   # DiffusionRet Table 4's columns
+                     "time (s)": "eval_seconds", "GPU memory (MB)": "peak_memory_mib",            # DITS Table 11's
+                     "mean L1 modality gap": "alignment/mean_gap_l1", "mean similarity": "alignment/mean_cos"}  # DITS Table 9's
 TIDY_COLUMNS = ["plan", "entry", "seed", "dir", "block", "direction", "metric", "value",
                 "dataset", "preset", "arch", "model", "memory_kind"]
 
@@ -82,6 +85,8 @@ def _metric_items(m:dict):
                 if isinstance(v, (int, float)): yield block, direction, k, float(v)
     for k in RUN_KEYS:
         if isinstance(m.get(k), (int, float)): yield "run", "", k, float(m[k])
+    for k, v in (m.get("alignment") or {}).items():                          # DITS's gap diagnostics
+        if isinstance(v, (int, float)): yield "run", "", f"alignment/{k}", float(v)
 
 def collect(plan:dict, runs:list) -> pd.DataFrame:
     "Tidy table of the finished `runs` (dicts of entry, seed, dir): one row per run, block, direction and metric."
@@ -142,7 +147,7 @@ def _cell_row(plan, cell, metric, pval, pnote, tidy, runs) -> dict:
         return dict(row, status="missing", command=run_command(plan, e), note=f"failed: {', '.join(fails)}" if fails else "")
     v = t["value"].to_numpy(float)
     row.update(status="done", ours_mean=v.mean(), ours_std=v.std(ddof=1) if len(v) > 1 else math.nan, n_seeds=len(v))
-    if metric == "GPU Memory (M)" and t.memory_kind.str.startswith("cpu").any(): row["note"] = "ours: peak RSS (MiB), CPU"
+    if metric in ("GPU Memory (M)", "GPU memory (MB)") and t.memory_kind.str.startswith("cpu").any(): row["note"] = "ours: peak RSS (MiB), CPU"
     else: row["diff"] = row["ours_mean"] - pval
     return row
 
@@ -405,7 +410,38 @@ def cost_lines(spec:dict, plan:dict, runs:list, cells:pd.DataFrame):
     axes[0][0].legend(title="gallery size", fontsize="small")
     return fig
 
-FIGURES = {"similarity_hist": similarity_hist, "traces": traces, "cost_lines": cost_lines}
+def gap_hist(spec:dict, plan:dict, runs:list, cells=None):
+    "DITS Figs. 3-4: the L2 modality gap of relevant pairs, one density per named entry (and before alignment with `unaligned: true`)."
+    import seaborn as sns
+    entries = spec.get("entries") or {spec["entry"]: spec["entry"]}
+    frames = []
+    for name, e in entries.items():
+        arrs = [a for a in map(run_arrays, done_runs(runs, e).values()) if a is not None and "align_gap_l2" in a]
+        if not arrs: continue
+        frames.append(pd.DataFrame(dict(gap=np.concatenate([a["align_gap_l2"] for a in arrs]), model=f"{name} (aligned)")))
+        if spec.get("unaligned"):
+            frames.append(pd.DataFrame(dict(gap=np.concatenate([a["align_gap_l2_unaligned"] for a in arrs]), model=f"{name} (text t)")))
+    if not frames: return None
+    fig, axes = _figure(1, 1, w=5.0, h=3.2)
+    sns.histplot(pd.concat(frames), x="gap", hue="model", stat="density", common_norm=False, element="step", bins=40, ax=axes[0][0])
+    axes[0][0].set_xlabel("‖v − v₀‖₂ of relevant pairs (unit vectors)")
+    return fig
+
+def sweep(spec:dict, plan:dict, runs:list, cells:pd.DataFrame):
+    "A table whose rows are numbers (DITS Table 5a: T') as lines: `metric` (R@1) against the row, ours (mean ± std) and the paper's."
+    metric = spec.get("metric", "R@1")
+    c = cells[(cells.table == str(spec["table"])) & (cells.metric == metric)].copy()
+    c["x"] = pd.to_numeric(c.row, errors="coerce")
+    c = c[c.x.notna()].sort_values("x")
+    if c.empty or c.ours_mean.isna().all(): return None
+    fig, axes = _figure(1, 1, w=5.0, h=3.2)
+    ax, o = axes[0][0], c[c.ours_mean.notna()]
+    ax.errorbar(o.x, o.ours_mean, yerr=o.ours_std.fillna(0), marker="o", capsize=3, label="ours (mean ± std over seeds)")
+    ax.plot(c.x, c.paper_value, ls="--", marker="s", alpha=0.7, label="paper")
+    ax.set_xlabel(spec.get("xlabel", "row")); ax.set_ylabel(metric); ax.legend(fontsize="small")
+    return fig
+
+FIGURES = {"similarity_hist": similarity_hist, "traces": traces, "cost_lines": cost_lines, "gap_hist": gap_hist, "sweep": sweep}
 
 def check_figures(plan:dict):
     "Fail naming the plan and the kind when a figure's kind is unknown."

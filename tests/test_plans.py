@@ -49,8 +49,10 @@ def ran(tmp_path_factory):
 def test_every_paper_plan_loads_and_expands_under_both_profiles():
     names = plan_names()
     want = {f"diffusionret/{t}" for t in ("table1", "table2", "tableA", "table3", "table4", "table5", "tableB", "fig4", "fig5")}
+    want |= {f"dits/{t}" for t in ("table1", "table2", "table4", "table5a", "table5b", "table6a", "table6b", "table11")}
     assert want <= set(names), sorted(want - set(names))
-    env = dict.fromkeys(("MSRVTT_ROOT", "CLIP_WEIGHTS", "LSMDC_ROOT", "MSVD_ROOT", "ACTIVITYNET_ROOT", "DIDEMO_ROOT"), "/x")
+    env = dict.fromkeys(("MSRVTT_ROOT", "CLIP_WEIGHTS", "CLIP_WEIGHTS_B16", "LSMDC_ROOT", "MSVD_ROOT", "ACTIVITYNET_ROOT", "DIDEMO_ROOT",
+                         "VATEX_ROOT", "CHARADES_ROOT"), "/x")
     for n in names:
         p = load_plan(n)
         assert p["minutes"].get("synthetic", 99) <= 60, n                      # no plan over an hour on 2 cores

@@ -68,6 +68,6 @@ def test_parameter_sets_are_valid_data():
 def test_params_lists_archs_and_their_parameters(capsys):
     assert main(["params"]) == 0
     out = capsys.readouterr().out
-    assert "arch = 'diffusionret'" in out and "xpool_dropout = 0.3    [arch: xpool]" in out
+    assert "arch = 'diffusionret'" in out and "xpool_dropout = 0.3    [arch: xpool, dits]" in out
     assert "temporal = 'transformer'    [arch: diffusionret]" in out
     assert "xpool: optimizer='adamw'" in out and "clip4clip_meanp: " in out
