@@ -44,3 +44,14 @@ def one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    "Four captions and 4-frame 48 px clips with ragged frame masks: a batch for the tiny retrieval models (baselines, DITS)."
+    import torch
+    from diffusionret_nb.clip import tokenize
+    torch.manual_seed(0)
+    tok, wm = tokenize(["a red circle moves left", "a blue square grows", "a star appears", "two dots"], 16)
+    fm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]).bool()
+    return dict(tokens=tok, word_mask=wm, frames=torch.randn(4, 4, 3, 48, 48), frame_mask=fm)

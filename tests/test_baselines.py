@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionret_nb.clip import create_clip, tokenize
+from diffusionret_nb.clip import create_clip
 from diffusionret_nb.clip4clip import CLIP4Clip, CLIP4ClipMeanP, CLIP4ClipSeqTransf
 from diffusionret_nb.config import build_config
 from diffusionret_nb.core import ConfigError
@@ -20,14 +20,6 @@ from diffusionret_nb.xpool import TextConditionedPool, XPool, pooled_gallery_sim
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = {"clip4clip_meanp": CLIP4ClipMeanP, "clip4clip_seqtransf": CLIP4ClipSeqTransf, "xpool": XPool}
-
-
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(0)
-    tok, wm = tokenize(["a red circle moves left", "a blue square grows", "a star appears", "two dots"], 16)
-    fm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]).bool()
-    return dict(tokens=tok, word_mask=wm, frames=torch.randn(4, 4, 3, 48, 48), frame_mask=fm)
 
 
 def _model(arch):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusionret_nb import pipeline
-from diffusionret_nb.clip import read_weights, tokenize
+from diffusionret_nb.clip import read_weights
 from diffusionret_nb.config import build_config
 from diffusionret_nb.core import CheckpointError, ConfigError
 from diffusionret_nb.dits import truncated_schedule
@@ -19,14 +19,6 @@ from diffusionret_nb.plans import PlanError, for_profile, load_plan, plan_jobs
 from diffusionret_nb.registry import create_model, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(0)
-    tok, wm = tokenize(["a red circle moves left", "a blue square grows", "a star appears", "two dots"], 16)
-    fm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]).bool()
-    return dict(tokens=tok, word_mask=wm, frames=torch.randn(4, 4, 3, 48, 48), frame_mask=fm)
 
 
 def _model(seed=0, **p):
