@@ -424,7 +424,7 @@ def gap_hist(spec:dict, plan:dict, runs:list, cells=None):
     if not frames: return None
     fig, axes = _figure(1, 1, w=5.0, h=3.2)
     sns.histplot(pd.concat(frames), x="gap", hue="model", stat="density", common_norm=False, element="step", bins=40, ax=axes[0][0])
-    axes[0][0].set_xlabel("‖v − v₀‖₂ of relevant pairs (unit vectors)")
+    axes[0][0].set_xlabel("modality gap ‖v − x‖₂ of relevant pairs, x = v₀ (aligned) or t (unit vectors)")
     return fig
 
 def sweep(spec:dict, plan:dict, runs:list, cells:pd.DataFrame):
