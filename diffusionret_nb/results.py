@@ -436,9 +436,12 @@ def sweep(spec:dict, plan:dict, runs:list, cells:pd.DataFrame):
     if c.empty or c.ours_mean.isna().all(): return None
     fig, axes = _figure(1, 1, w=5.0, h=3.2)
     ax, o = axes[0][0], c[c.ours_mean.notna()]
-    ax.errorbar(o.x, o.ours_mean, yerr=o.ours_std.fillna(0), marker="o", capsize=3, label="ours (mean ± std over seeds)")
-    ax.plot(c.x, c.paper_value, ls="--", marker="s", alpha=0.7, label="paper")
-    ax.set_xlabel(spec.get("xlabel", "row")); ax.set_ylabel(metric); ax.legend(fontsize="small")
+    ax.errorbar(o.x, o.ours_mean, yerr=o.ours_std.fillna(0), marker="o", capsize=3, color="C0", label="ours (mean ± std over seeds)")
+    ax.set_xlabel(spec.get("xlabel", "row")); ax.set_ylabel(f"{metric}, ours", color="C0")
+    pax = ax.twinx()                                   # the paper on its own axis: the shapes compare, not the levels
+    pax.plot(c.x, c.paper_value, ls="--", marker="s", alpha=0.7, color="C1", label="paper (right axis)")
+    pax.set_ylabel(f"{metric}, paper", color="C1")
+    fig.legend(loc="lower left", fontsize="small")
     return fig
 
 FIGURES = {"similarity_hist": similarity_hist, "traces": traces, "cost_lines": cost_lines, "gap_hist": gap_hist, "sweep": sweep}

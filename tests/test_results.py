@@ -264,3 +264,42 @@ def test_report_notebook_runs(setup, tmp_path):
     md = (rep / "table.md").read_text()
     assert "Synthetic analogue" in md and "profile `synthetic`" in md and "— (48.1)" in md
     assert (rep / "table.tex").exists() and (rep / "figures" / "traces.png").stat().st_size > 0
+
+
+DITS_CSV = """paper,table,row,column,metric,value,note
+toy,5a,0,MSRVTT,R@1,46.9,
+toy,5a,10,MSRVTT,R@1,51.9,
+toy,9,DITS,MSRVTT,mean L1 modality gap,18.13,
+toy,9,DITS,MSRVTT,mean similarity,0.168,
+toy,9,DITS,MSRVTT,R@1,51.9,
+toy,11,DITS,MSRVTT,GPU memory (MB),5464,
+toy,11,DITS,MSRVTT,time (s),70.17,
+"""
+
+
+def test_dits_gap_metrics_and_figures(tmp_path):
+    "DITS's Table 9 cells read metrics.json's `alignment`, Table 11's the run's time and memory; gap_hist and sweep are drawn."
+    p = tmp_path / "dits.csv"; p.write_text(DITS_CSV)
+    paper = R.load_paper_numbers("toy", p)
+    e = dict(template="train_eval", params={}, stage1=None, checkpoint=None, per_seed=True)
+    plan = dict(name="toy/dits", paper="toy", title="Toy DITS", tables=["5a", "9", "11"], seeds=[0, 1], minutes={},
+                entries=dict(xpool=e, dits=e),
+                cells=[dict(table="5a", row="0", column="MSRVTT", entry="xpool"), dict(table="5a", row="10", column="MSRVTT", entry="dits"),
+                       dict(table="9", row="DITS", column="MSRVTT", entry="dits"), dict(table="11", row="DITS", column="MSRVTT", entry="dits")],
+                compare=[], figures=[dict(kind="gap_hist", entries={"DITS": "dits"}, unaligned=True),
+                                     dict(kind="sweep", table="5a", metric="R@1", xlabel="T'")])
+    runs = make_runs(tmp_path / "results", plan, done=("xpool", "dits"), stage2=False)
+    rng = np.random.default_rng(0)
+    for r in runs:
+        if r["entry"] != "dits": continue
+        m = json.loads((r["dir"] / "metrics.json").read_text())
+        m["alignment"] = dict(mean_gap_l1=10.0 + r["seed"], mean_cos=0.5, mean_gap_l2=0.9)
+        (r["dir"] / "metrics.json").write_text(json.dumps(m))
+        a = dict(np.load(r["dir"] / "eval_arrays.npz"))
+        a.update(align_gap_l2=rng.normal(0.5, 0.05, 200).astype(np.float32), align_gap_l2_unaligned=rng.normal(0.7, 0.05, 200).astype(np.float32))
+        np.savez(r["dir"] / "eval_arrays.npz", **a)
+    c = R.cell_values(plan, R.collect(plan, runs), paper, runs).set_index(["table", "metric"])
+    assert c.loc[("9", "mean L1 modality gap"), "ours_mean"] == 10.5 and c.loc[("9", "mean similarity"), "ours_mean"] == 0.5
+    assert c.loc[("11", "time (s)"), "ours_mean"] == 3.0 and c.loc[("11", "GPU memory (MB)"), "ours_mean"] == 800.0
+    rep = R.write_report(plan, runs, tmp_path / "report", numbers=paper, n_boot=20)
+    assert sorted(p.name for p in rep["figures"] if p.suffix == ".png") == ["gap_hist.png", "sweep.png"]
