@@ -359,13 +359,13 @@ def job_config(job:Job, by:dict):
 def check_jobs(jobs:list, records:bool=True):
     "Check every job's parameters and inputs; a `PlanError` naming the job."
     by, checked = {j.key: j for j in jobs}, set()
+    dirs = {str(j.dir) for j in jobs}                                             # a `pretrained` run folder another job writes
     for j in jobs:
         where = f"plan {j.plan}, entry {j.entry!r} ({j.label})"
         try:
             cfg = job_config(j, by)
-            dirs = {str(by[n].dir) for n in j.needs}
             flat = {**cfg.flat(), "stage1_checkpoint": "", "checkpoint": "",           # those come from other jobs
-                    **({"pretrained": ""} if j.params.get("pretrained") in dirs else {})}
+                    **({"pretrained": ""} if cfg.model.pretrained in dirs else {})}
             key = json.dumps({k: v for k, v in flat.items() if k != "seed"}, sort_keys=True, default=str)
             if key in checked: continue                                           # the same inputs as a job already checked
             check_inputs(build_config(**flat))
