@@ -15,7 +15,7 @@ from diffusionret_nb.config import build_config
 from diffusionret_nb.core import CheckpointError, ConfigError
 from diffusionret_nb.dits import truncated_schedule
 from diffusionret_nb.losses import symmetric_infonce
-from diffusionret_nb.plans import PlanError, for_profile, load_plan, plan_jobs
+from diffusionret_nb.plans import PlanError, check_jobs, for_profile, load_plan, plan_jobs
 from diffusionret_nb.registry import create_model, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -269,6 +269,7 @@ entries:
   clip: {params: {arch: clip4clip_meanp}, per_seed: false, only: [synthetic]}
   pre: {clip_from: clip, params: {arch: dits, dits_alignment: diffusion, dits_objective: denoise}}
   tune: {init: pre, clip_from: clip, params: {arch: dits, dits_alignment: diffusion}}
+  ev: {template: evaluate, checkpoint: tune, params: {test_limit: 8}}
 """ % json.dumps({k: v for k, v in RUN.items() if not k.startswith("dits")})
 
 
@@ -278,6 +279,7 @@ def test_plan_keys_init_and_clip_from(tmp_path):
     jobs = {j.entry: j for j in plan_jobs(plan, "synthetic", out=tmp_path)}
     assert jobs["pre"].params["pretrained"] == str(jobs["clip"].dir) and jobs["clip"].key in jobs["pre"].needs
     assert jobs["tune"].params["checkpoint"] == str(jobs["pre"].dir) and jobs["pre"].key in jobs["tune"].needs
+    check_jobs(list(jobs.values()), records=False)        # run folders not written yet: not "weights not found" (evaluate too)
     paper = {j.entry: j for j in plan_jobs(plan, "paper", out=tmp_path)}      # no `clip` entry there: its own pretrained
     assert "clip" not in paper and paper["pre"].params.get("pretrained", "") == "" and for_profile(plan, "paper")["entries"]["pre"]["clip_from"] is None
     (tmp_path / "q.yaml").write_text(PLAN.replace("tune: {init: pre,", "tune: {template: evaluate, checkpoint: pre, init: pre,"))
