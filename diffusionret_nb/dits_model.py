@@ -156,13 +156,18 @@ DITS.encode_text = _encode_text
 def _query(self, text:dict) -> str: return "aligned" if self.pool_query == "aligned" else "eot"
 DITS._query = _query
 
+def _pair_condition(self, t:torch.Tensor, v:torch.Tensor):
+    "ε_γ's condition for pairs of texts `t` and text-conditioned videos `v` (N, D each): None, t, v or [t, v]."
+    return {"none": None, "t": t, "v": v, "tv": torch.cat([t, v], -1) if self.condition == "tv" else None}[self.condition]
+DITS.pair_condition = _pair_condition
+
 def _pair_score(self, tp:dict, vp:dict) -> torch.Tensor:
     "(Nt, Nv) scores of prepared texts and videos when every pair runs its own chain."
     p = self.pool.pool(tp, vp)                                                   # (Nv, Nt, D): v | t of every pair
     nv, nt, D = p.shape
     t = tp["x"][None].expand(nv, nt, D).reshape(-1, D)
     v = p.reshape(-1, D)
-    cond = {"none": None, "t": t, "v": v, "tv": torch.cat([t, v], -1)}[self.condition]
+    cond = self.pair_condition(t, v)
     if self.gap == "t-v": s = F.cosine_similarity(self.prep(t), self.align(t, cond, start=v), dim=-1)
     else: s = F.cosine_similarity(self.align(t, cond), v, dim=-1)
     return s.reshape(nv, nt).T
@@ -231,7 +236,7 @@ def _diagnostics(self, text:dict, video:dict, text_video, block:int=256, device=
             q = text["aligned"][rows].to(device).float() if (not self.pairwise and self.pool_query == "aligned") else t
             v = _relevant_pooled(self, q, vid)
             if self.pairwise:
-                cond = {"none": None, "t": t, "v": v, "tv": torch.cat([t, v], -1)}[self.condition]
+                cond = self.pair_condition(t, v)
                 if self.gap == "t-v": a, b, b0 = self.align(t, cond, start=v), t, v      # the video moves towards the text
                 else: a, b, b0 = self.align(t, cond), v, t
             else: a, b, b0 = text["aligned"][rows].to(device).float(), v, t
