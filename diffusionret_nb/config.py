@@ -53,7 +53,8 @@ class DataConfig:
     train_split: str = P("train", "split used for training")
     val_split: str = P("val", "split used for checkpoint selection ('' = none: the last epoch is kept)")
     test_split: str = P("test", "split evaluated at the end")
-    num_workers: int = P(0, "DataLoader worker processes", min=0)
+    num_workers: int = P(0, "DataLoader worker processes per process; -1 = sized from the machine (min(8, cores per process - 1), "
+                         "with pinned memory and prefetch on CUDA)", min=-1)
 
 @dataclass
 class SyntheticConfig:
@@ -141,6 +142,9 @@ class TrainConfig:
     eval_every: int = P(1, "evaluate on the validation split every N epochs (0 = only at the end)", min=0)
     ckpt_every_steps: int = P(0, "extra checkpoint every N steps inside an epoch (0 = once per epoch)", min=0)
     max_steps: int = P(0, "stop after this many optimiser steps in total (0 = all epochs); for smoke tests", min=0)
+    compile_model: bool = P(False, "train through torch.compile(model) (needs a C compiler on CPU; the first steps compile)")
+    dist_timeout: int = P(1800, "seconds a process waits for the others at a collective before the whole multi-process job "
+                          "fails (torchrun runs; a failing rank then ends the job instead of hanging it)", min=10)
 
 @dataclass
 class EvalConfig:

@@ -23,7 +23,7 @@ from .video import VideoReadError, load_frames, normalize, random_resized_crop_f
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'CACHE_VERSION', 'VideoRecord', 'Adapter', 'adapter', 'pad_frames', 'load_image_frames', 'read_record',
            'cache_spec', 'cache_spec_name', 'cache_key', 'FrameCache', 'FrameSource', 'cache_folder',
-           'VideoTextDataset', 'twin_groups', 'collate', 'eval_texts']
+           'VideoTextDataset', 'twin_groups', 'collate', 'usable_cores', 'loader_settings', 'eval_texts']
 
 # %% ../nbs/03_datasets.ipynb #b22f4bac
 @dataclass
@@ -259,6 +259,18 @@ def collate(items:list) -> dict:
     out = {k: torch.stack([it[k] for it in kept]) for k in kept[0]} if kept else {}
     out["n_skipped"] = len(items) - len(kept)
     return out
+
+def usable_cores() -> int:
+    "CPU cores this process may run on."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+def loader_settings(num_workers:int, device="cpu", n_procs:int=1) -> dict:
+    """DataLoader keyword arguments: `num_workers` as given, or for -1 ("auto") min(8, this process's share of the
+    cores − 1) (the process itself needs one); pinned memory when the batches go to a GPU; a deeper prefetch with workers."""
+    if num_workers < 0: num_workers = max(0, min(8, usable_cores() // max(n_procs, 1) - 1))
+    kw = dict(num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    if num_workers > 0: kw["prefetch_factor"] = 4        # not persistent: set_epoch must reach the workers' dataset copies
+    return kw
 
 # %% ../nbs/03_datasets.ipynb #18e0f2b9
 def eval_texts(records:list, protocol:str="single") -> tuple:

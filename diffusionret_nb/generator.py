@@ -83,8 +83,9 @@ class Stage2Generator(nn.Module):
         idx_v2t = mine_candidates(sim.t()[q], vid[q], vid, q, idx_t2v.shape[1] - 1)   # texts for each query video
         B, N = idx_t2v.shape
         x0 = make_target(B, N, self.target, eot.device)
-        k = self.diffusion.sample_timesteps(B)                                    # uniform in {0 … K−1}
-        x_k = self.diffusion.q_sample(x0, k, torch.randn_like(x0))                # Eq. 8
+        G = len(eot)          # draw for the whole global batch and keep this process's rows: the same draws on any split
+        k = self.diffusion.sample_timesteps(G)[q.to(self.diffusion.betas.device)]    # uniform in {0 … K−1}
+        x_k = self.diffusion.q_sample(x0, k, torch.randn(G, N, device=eot.device, dtype=x0.dtype)[q])   # Eq. 8
         t2v, v2t = (self.t2v.forward_reference, self.v2t.forward_reference) if self.reference else (self.t2v, self.v2t)
         x_t2v = t2v(eot[q], frames, fmask, idx_t2v, x_k, k)                       # x̂0 = f_φ(v, t, x_k)
         x_v2t = v2t(frames[q], fmask[q], eot, idx_v2t, x_k, k)

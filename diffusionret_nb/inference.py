@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .clip import tokenize
 from .core import DataError, DiffRetError
-from .datasets import VideoTextDataset, collate, eval_texts
+from .datasets import VideoTextDataset, collate, eval_texts, loader_settings
+from .distributed import all_gather_objects, current, shard_range
 from .metrics import chance_recall, multi_caption_metrics, query_ranks
 
 # %% auto #0
@@ -25,31 +26,42 @@ def _bar(total, desc, progress):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
+def _cat(outs:list) -> dict:
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]} if outs else None
+
 @torch.no_grad()
 def encode_texts(model, texts:list, n_words:int, batch_size:int=64, device="cpu", progress:bool=False) -> dict:
-    "Word features (N, L, D), EOT features (N, D) and masks (N, L) of `texts`, on the CPU."
-    outs, bar = [], _bar(len(texts), "encode texts", progress)
-    for i in range(0, len(texts), batch_size):
-        tok, mask = tokenize(texts[i:i + batch_size], n_words)
+    "Word features (N, L, D), EOT features (N, D) and masks (N, L) of `texts`, on the CPU (under torchrun: split over ranks)."
+    env = current()
+    mine = shard_range(len(texts), env.rank, env.world_size)
+    outs, bar = [], _bar(len(mine), "encode texts", progress and env.main)
+    for i in range(mine.start, mine.stop, batch_size):
+        tok, mask = tokenize(texts[i:min(i + batch_size, mine.stop)], n_words)
         o = model.encode_text(tok.to(device), mask.to(device))
         outs.append({k: v.cpu() for k, v in o.items()}); bar.update(len(tok))
     bar.close()
-    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return _cat([x for x in all_gather_objects(_cat(outs)) if x is not None])     # rank order = text order
 
 @torch.no_grad()
 def encode_videos(model, dataset:VideoTextDataset, batch_size:int=64, device="cpu", num_workers:int=0, progress:bool=False):
-    "(features {frames (N', T, D), mask}, indices of the N' videos that were read, number skipped)."
+    """(features {frames (N', T, D), mask}, indices of the N' videos that were read, number skipped); under torchrun each
+    rank encodes a contiguous share and every rank gets the whole result."""
     assert dataset.view == "videos", "encode_videos needs a dataset with view='videos'"
-    dl = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    outs, kept, skipped, bar = [], [], 0, _bar(len(dataset), "encode videos", progress)
+    env = current()
+    mine = Subset(dataset, shard_range(len(dataset), env.rank, env.world_size)) if env.active else dataset
+    dl = DataLoader(mine, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                    **loader_settings(num_workers, device, env.local_world_size))
+    outs, kept, skipped, bar = [], [], 0, _bar(len(mine), "encode videos", progress and env.main)
     for b in dl:
         n_bad = b.pop("n_skipped"); skipped += n_bad; bar.update(n_bad)
         if not b: continue
         o = model.encode_video(b["frames"].to(device), b["frame_mask"].to(device))
         outs.append({k: v.cpu() for k, v in o.items()}); kept.append(b["index"]); bar.update(len(b["index"]))
     bar.close()
-    if not outs: raise DataError(f"no video of the {len(dataset)} in the gallery could be read")
-    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}, torch.cat(kept).numpy(), skipped
+    parts = all_gather_objects((_cat(outs), torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long), skipped))
+    feats = [p[0] for p in parts if p[0] is not None]
+    if not feats: raise DataError(f"no video of the {len(dataset)} in the gallery could be read")
+    return _cat(feats), torch.cat([p[1] for p in parts]).numpy(), sum(p[2] for p in parts)
 
 # %% ../nbs/51_inference.ipynb #c9f0b534
 @dataclass

@@ -21,8 +21,8 @@ from .core import CheckpointError, ConfigError, atomic_torch_save
 
 # %% auto #0
 __all__ = ['BertAdam', 'warmup_cosine', 'make_optimizer', 'EpochBatchSampler', 'CancelFitException', 'Callback', 'Learner',
-           'to_device', 'DeviceCB', 'resolve_precision', 'MixedPrecisionCB', 'GradClipCB', 'SchedulerCB', 'EMA',
-           'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
+           'to_device', 'DeviceCB', 'resolve_precision', 'MixedPrecisionCB', 'GradClipCB', 'SchedulerCB', 'CompileCB',
+           'EMA', 'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
 
 # %% ../nbs/40_learner.ipynb #07d13fe8
 class BertAdam(torch.optim.Optimizer):
@@ -96,6 +96,7 @@ class Learner:
         self.epoch = self.batch_in_epoch = self.step = 0
         self.history, self.n_skipped, self.seconds = [], 0, 0.0     # seconds: training time, summed over resumes
         self.autocast = contextlib.nullcontext
+        self.forward_model = model          # what the step calls: `model`, or a wrapper of it (DDP, torch.compile)
 
     def __call__(self, event:str):
         for cb in self.cbs:
@@ -111,7 +112,7 @@ class Learner:
 
     def one_batch(self):
         self("before_batch")
-        with self.autocast(): self.out = self.model(self.batch, rank=self.rank, world_size=self.world_size)
+        with self.autocast(): self.out = self.forward_model(self.batch, rank=self.rank, world_size=self.world_size)
         self.loss = self.out["loss"]
         self("after_loss")
         self.backward(self.loss); self("after_backward")
@@ -203,6 +204,12 @@ class SchedulerCB(Callback):
     def before_batch(self):
         f = warmup_cosine(self.learn.step, self.total, self.warmup)
         for g in self.learn.opt.param_groups: g["lr"] = g["base_lr"] * f
+
+class CompileCB(Callback):
+    "Runs the training step's forward through `torch.compile` (same parameters: checkpoints and EMA are unchanged)."
+    order = -7                                                 # after the device move and the DDP wrapper (distributed)
+    def __init__(self, **kwargs): self.kwargs = kwargs
+    def before_fit(self): self.learn.forward_model = torch.compile(self.learn.forward_model, **self.kwargs)
 
 # %% ../nbs/40_learner.ipynb #49cbda40
 class EMA:

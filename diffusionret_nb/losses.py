@@ -13,13 +13,30 @@ import torch.nn.functional as F
 __all__ = ['gather_with_grad', 'clamped_scale', 'infonce', 'symmetric_infonce']
 
 # %% ../nbs/11_losses.ipynb #0af16f69
+class _AllGather(torch.autograd.Function):
+    "all_gather whose backward sums the gathered gradient over ranks and returns this rank's slice."
+    @staticmethod
+    def forward(ctx, x, rank:int, world_size:int):
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)                       # every rank's loss reads this rank's rows: add their gradients
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None
+
 def gather_with_grad(x:torch.Tensor, rank:int=0, world_size:int=1) -> torch.Tensor:
-    "Concatenate `x` from all ranks along dim 0; the local slice keeps its autograd graph."
+    """Concatenate `x` from all ranks along dim 0 (every rank passes the same shape). The local slice keeps its graph, and
+    its gradient is the sum over ranks of the gradient each rank's loss sends it (see below)."""
     if world_size == 1: return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
-    parts[rank] = x          # all_gather returns detached copies: put the differentiable local one back
-    return torch.cat(parts, 0)
+    if x.requires_grad and torch.is_grad_enabled(): return _AllGather.apply(x, rank, world_size)
+    y = x.to(torch.uint8) if x.dtype == torch.bool else x          # gloo has no bool collectives
+    parts = [torch.empty_like(y) for _ in range(world_size)]
+    dist.all_gather(parts, y.contiguous())
+    return torch.cat(parts, 0).to(x.dtype)
 
 # %% ../nbs/11_losses.ipynb #a02cb554
 def clamped_scale(log_scale:torch.Tensor, max_scale:float=100.0) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .config import (DataConfig, EvalConfig, ModelConfig, RunConfig, SyntheticCo
 from .core import (CheckpointError, ConfigError, DataError, atomic_output, atomic_write_json, atomic_write_text,
                                   resolve_device, run_lock, seed_everything)
 from .datasets import FrameSource, VideoTextDataset, eval_texts
+from .distributed import current
 from .inference import encode_gallery, encode_videos, gallery_arrays, gallery_metrics
 from .learner import EvalCB
 from .metrics import format_table
@@ -265,7 +266,9 @@ def reused_stage1(cfg:RunConfig):
     return load_model(src["stage1"], cfg, stage=1, ck=ck)[0], src["stage1"]
 
 def train_eval(cfg:RunConfig, run_dir, progress:bool=True) -> dict:
-    "Train stage 1 and, when asked, stage 2 (resuming when interrupted); evaluate the selected models on the test split; write the run folder."
+    """Train stage 1 and, when asked, stage 2 (resuming when interrupted); evaluate the selected models on the test split; write
+    the run folder. Under torchrun every rank calls it; rank 0 holds the lock and alone writes."""
+    if not current().main: return _train_eval(cfg, Path(run_dir), progress)
     with run_lock(run_dir): return _train_eval(cfg, Path(run_dir), progress)
 
 def run_folder_inputs(cfg:RunConfig) -> RunConfig:
@@ -289,7 +292,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     do1, do2 = stage_plan(cfg)
     check_stages(cfg)                                                          # fail before stage 1 trains
     reused = reused_stage1(cfg)                                                # and before anything is written
-    save_params(cfg, run_dir / "params.json")
+    if current().main: save_params(cfg, run_dir / "params.json")
     device = resolve_device(cfg.train.device)
     evaluate = SplitEvaluator(cfg, test_records(cfg), device, final=True)
     untrained = _untrained(cfg, evaluate, device) if cfg.eval.eval_untrained else None
@@ -297,7 +300,7 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     elif do1: learn, model = train_stage1(cfg, run_dir, _validator(cfg, device), progress)
     else: learn, model = None, (seed_everything(cfg.train.seed), create_model(cfg))[1]    # Table 3d 'generation'
     t1 = time.time()
-    g = evaluate.gallery(model.to(device))
+    g = evaluate.gallery(model.to(device), progress)
     selected = dict(stage1_checkpoint=str(reused[1])) if reused else _selected(learn, cfg)
     m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=selected)
     if learn: m["train"] = _train_info(learn)
@@ -314,6 +317,9 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     m["eval_seconds"] = round(eval_seconds, 2)
     m.update(peak_memory(device))
     if untrained: m["untrained"] = untrained
+    env = current()
+    if env.active: m["processes"] = env.world_size
+    if not env.main: return m                                                  # rank 0 writes the run folder
     save_arrays(run_dir / "eval_arrays.npz", arrays)
     atomic_write_json(run_dir / "history.json", history)
     atomic_write_text(run_dir / "table.md", _table(m))

@@ -21,7 +21,7 @@ from .training import RUNTIME_KEYS, params_differ, validation_split
 
 # %% auto #0
 __all__ = ['TEMPLATE_NAMES', 'template_parameters', 'run_template', 'params_from_template', 'run_name', 'template_path',
-           'check_records', 'run_params', 'run_experiment']
+           'check_records', 'run_params', 'prepare_run_dir', 'run_experiment']
 
 # %% ../nbs/61_runner.ipynb #99c70637
 def template_parameters(template) -> dict:
@@ -103,12 +103,9 @@ def _other_values(run_dir:Path, cfg:RunConfig) -> list:
     except json.JSONDecodeError: return ["params.json (unreadable)"]
     return params_differ(old, params_dict(resolve_config(cfg)))
 
-def run_experiment(params:dict, out="results/train", name:str=None, force:bool=False, progress:bool=True,
-                   template:str="train_eval") -> Path:
-    "Validate `params`, run the template into `<out>/<name>`, return the run folder."
-    params = absolute_paths(params)
-    cfg = build_config(**params)
-    check_inputs(cfg); check_records(cfg)
+def prepare_run_dir(cfg:RunConfig, out, name:str=None, force:bool=False) -> tuple:
+    """(run folder `<out>/<name>`, whether it holds a finished run): with `force` an existing run is moved aside; a folder
+    made with other parameter values is refused, naming them."""
     run_dir = (Path(out) / (name or run_name(cfg))).resolve()
     ensure_writable(run_dir.parent, "output folder")
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -116,13 +113,22 @@ def run_experiment(params:dict, out="results/train", name:str=None, force:bool=F
         if force:
             old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(run_dir), str(old)); print(f"moved the previous {'run' if done else 'unfinished run'} to {old}")
-        else:
-            diff = _other_values(run_dir, cfg)
-            if diff: raise ConfigError(f"{run_dir} holds a {'finished' if done else 'started'} run made with other values of "
-                                       f"{diff}; choose another --name, or add --force to move that run aside and start over")
-            if done:
-                print(f"run already complete: {run_dir} (use --force to run it again)")
-                return run_dir
+            return run_dir, False
+        diff = _other_values(run_dir, cfg)
+        if diff: raise ConfigError(f"{run_dir} holds a {'finished' if done else 'started'} run made with other values of "
+                                   f"{diff}; choose another --name, or add --force to move that run aside and start over")
+        if done: print(f"run already complete: {run_dir} (use --force to run it again)")
+        return run_dir, done
+    return run_dir, False
+
+def run_experiment(params:dict, out="results/train", name:str=None, force:bool=False, progress:bool=True,
+                   template:str="train_eval") -> Path:
+    "Validate `params`, run the template into `<out>/<name>`, return the run folder."
+    params = absolute_paths(params)
+    cfg = build_config(**params)
+    check_inputs(cfg); check_records(cfg)
+    run_dir, done = prepare_run_dir(cfg, out, name, force)
+    if done: return run_dir
     with run_lock(run_dir):
         os.environ["DIFFRET_LOCKED"] = str(run_dir)          # the template's kernel inherits it: the lock is held here
         try: run_template(template_path(template), run_dir, cfg.flat(), progress=progress)

@@ -15,27 +15,36 @@ from .benchmarks import get_adapter, load_records
 from .clip import tokenize
 from .config import RunConfig, config_from_dict, params_dict
 from .core import CheckpointError, ConfigError, DataError, resolve_device, seed_everything
-from .datasets import FrameSource, VideoTextDataset, collate, twin_groups
+from .datasets import FrameSource, VideoTextDataset, collate, loader_settings, twin_groups
 from .diffusion import spaced_timesteps
 from .generator import derive_num_neg
-from .learner import (Callback, CheckpointCB, DeviceCB, EMACB, EpochBatchSampler, EvalCB, GradClipCB, Learner,
-                                     LogCB, MixedPrecisionCB, ProgressCB, SchedulerCB, make_optimizer, resolve_precision, resume)
+from .distributed import DDPCB, ShardedBatchSampler, check_divisible, current
+from .learner import (Callback, CheckpointCB, CompileCB, DeviceCB, EMACB, EpochBatchSampler, EvalCB, GradClipCB,
+                                     Learner, LogCB, MixedPrecisionCB, ProgressCB, SchedulerCB, make_optimizer, resolve_precision,
+                                     resume)
 from .losses import gather_with_grad
 from .models import param_groups
 from .registry import create_model, load_model, model_dim, read_checkpoint
 
 # %% auto #0
 __all__ = ['RUNTIME_KEYS', 'train_loader', 'CaptionPairs', 'stage2_batch_size', 'stage2_loader', 'FrozenStage1CB',
-           'check_stage2_config', 'stage_plan', 'generator_param_groups', 'stage1_precision', 'make_learner',
-           'params_differ', 'resume_if_interrupted', 'select_model', 'validation_split', 'train_stage1', 'train_stage2']
+           'check_stage2_config', 'stage_plan', 'check_distributed', 'generator_param_groups', 'stage1_precision',
+           'make_learner', 'params_differ', 'resume_if_interrupted', 'select_model', 'validation_split', 'train_stage1',
+           'train_stage2']
 
 # %% ../nbs/41_training.ipynb #ba3b7650
+def _loader(cfg:RunConfig, ds, sampler:EpochBatchSampler) -> DataLoader:
+    "A loader of `sampler`'s global batches, this rank's share of each under torchrun, with workers sized by `num_workers`."
+    env = current()
+    if env.active: sampler = ShardedBatchSampler(sampler, env.rank, env.world_size)
+    kw = loader_settings(cfg.data.num_workers, resolve_device(cfg.train.device), env.local_world_size)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator(), **kw)
+
 def train_loader(cfg:RunConfig, records:list) -> DataLoader:
     "Shuffled, resumable (video, caption) pair batches of the training records."
     ds = VideoTextDataset(records, FrameSource.from_config(cfg, train=True), cfg.data.n_words, view="pairs", seed=cfg.train.seed)
     groups = twin_groups(ds) if cfg.data.twin_batches else None
-    bs = EpochBatchSampler(len(ds), cfg.train.batch_size, seed=cfg.train.seed, drop_last=True, groups=groups)
-    return DataLoader(ds, batch_sampler=bs, collate_fn=collate, num_workers=cfg.data.num_workers, generator=torch.Generator())
+    return _loader(cfg, ds, EpochBatchSampler(len(ds), cfg.train.batch_size, seed=cfg.train.seed, drop_last=True, groups=groups))
 
 class CaptionPairs(Dataset):
     "(caption, video bank row) pairs of the records whose video is in the bank."
@@ -62,8 +71,7 @@ def stage2_loader(cfg:RunConfig, pairs:CaptionPairs) -> DataLoader:
     derive_num_neg(cfg.diffusion.num_neg, bs)
     if len(pairs) < bs:
         raise ConfigError(f"stage-2 batch size {bs} is larger than the {len(pairs)} training pairs (parameter stage2_batch_size)")
-    sampler = EpochBatchSampler(len(pairs), bs, seed=cfg.train.seed + 1, drop_last=True)
-    return DataLoader(pairs, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, generator=torch.Generator())
+    return _loader(cfg, pairs, EpochBatchSampler(len(pairs), bs, seed=cfg.train.seed + 1, drop_last=True))
 
 # %% ../nbs/41_training.ipynb #9af90b3c
 class FrozenStage1CB(Callback):
@@ -107,6 +115,12 @@ def stage_plan(cfg:RunConfig) -> tuple:
     if not cfg.diffusion.stage2: return True, False
     return {"both": (True, True), "discrimination": (True, False), "generation": (False, True)}[cfg.diffusion.train_strategy]
 
+def check_distributed(cfg:RunConfig, world_size:int):
+    "Named errors, before anything runs, for global batches a `world_size`-process run cannot split evenly."
+    if world_size == 1: return
+    check_divisible(cfg.train.batch_size, world_size, "batch_size")
+    if stage_plan(cfg)[1]: check_divisible(stage2_batch_size(cfg), world_size, "stage2_batch_size (0 = batch_size)")
+
 # %% ../nbs/41_training.ipynb #015cada1
 def generator_param_groups(gen:nn.Module, lr:float, weight_decay:float) -> list:
     "Two groups: weights with decay, biases without."
@@ -131,16 +145,21 @@ def make_learner(cfg:RunConfig, model:nn.Module, dl, ckpt_dir, *, groups:list, e
     opt = make_optimizer(groups, t.optimizer)
     total = epochs * len(dl) if not t.max_steps else min(t.max_steps, epochs * len(dl))
     meta = dict(params=params_dict(cfg), stage=f"stage{stage}", arch=cfg.model.arch)
+    env = current()
     cbs = [DeviceCB(device), MixedPrecisionCB(precision or resolve_precision(t.precision, device), device), *extra_cbs,
-           SchedulerCB(total, t.warmup), LogCB(), CheckpointCB(Path(ckpt_dir), meta, t.ckpt_every_steps)]
+           SchedulerCB(total, t.warmup), LogCB()]
+    if env.main: cbs.append(CheckpointCB(Path(ckpt_dir), meta, t.ckpt_every_steps))     # rank 0 alone writes
+    if env.active: cbs.append(DDPCB(dl.batch_sampler.bs))
+    if t.compile_model: cbs.append(CompileCB())
     if t.grad_clip: cbs.append(GradClipCB(t.grad_clip))
     if t.ema: cbs.append(EMACB(t.ema))
     if evaluate is not None: cbs.append(EvalCB(evaluate, every=t.eval_every))
-    if progress: cbs.append(ProgressCB())
-    return Learner(model, dl, opt, cbs, max_steps=t.max_steps)
+    if progress and env.main: cbs.append(ProgressCB())
+    return Learner(model, dl, opt, cbs, rank=env.rank, world_size=env.world_size, max_steps=t.max_steps)
 
 # %% ../nbs/41_training.ipynb #2c07dc9f
-RUNTIME_KEYS = {"device", "num_workers", "eval_batch_size", "sim_block", "eval_untrained", "eval_every", "rerank_n_seeds"}
+RUNTIME_KEYS = {"device", "num_workers", "eval_batch_size", "sim_block", "eval_untrained", "eval_every", "rerank_n_seeds",
+                "compile_model", "dist_timeout"}
 
 def params_differ(a:dict, b:dict) -> list:
     "Parameter names whose values differ between two params dicts (runtime-only keys ignored)."
