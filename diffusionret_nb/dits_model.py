@@ -146,11 +146,15 @@ def _align(self, t:torch.Tensor, cond:torch.Tensor=None, start:torch.Tensor=None
 DITS.align = _align
 
 # %% ../nbs/37_dits_model.ipynb #d175b012
-def _encode_text(self, tokens, word_mask) -> dict:
-    "CLIP's EOT feature `eot` (N, D) and, when the chain does not need the video, the aligned text `aligned` (N, D)."
-    eot = self.clip.encode_text(tokens, word_mask)[1].float()
+def _text_from_eot(self, eot:torch.Tensor) -> dict:
+    "`eot` and, when the chain does not need the video, the aligned text `aligned` (N, D)."
     if self.pairwise: return dict(eot=eot)
     return dict(eot=eot, aligned=self.align(eot, cond=eot if self.condition == "t" else None))
+DITS.text_from_eot = _text_from_eot
+
+def _encode_text(self, tokens, word_mask) -> dict:
+    "CLIP's EOT feature `eot` (N, D) and, when the chain does not need the video, the aligned text `aligned` (N, D)."
+    return self.text_from_eot(self.clip.encode_text(tokens, word_mask)[1].float())
 DITS.encode_text = _encode_text
 
 def _query(self, text:dict) -> str: return "aligned" if self.pool_query == "aligned" else "eot"
@@ -211,10 +215,12 @@ def _denoise_forward(self, batch:dict) -> dict:
 def _forward(self, batch:dict, rank:int=0, world_size:int=1) -> dict:
     "The training loss on a batch: InfoNCE over the global batch on the aligned similarity (+ X-Pool's), or L_γ."
     if self.objective == "denoise": return _denoise_forward(self, batch)
-    t = self.encode_text(batch["tokens"], batch["word_mask"])
+    eot = self.clip.encode_text(batch["tokens"], batch["word_mask"])[1].float()
     v = self.encode_video(batch["frames"], batch["frame_mask"])
-    g = lambda d: {k: gather_with_grad(x, rank, world_size) for k, x in d.items()}
-    t, v = g(t), g(v)
+    # the chain runs after the gather, on the global batch: its training noise is then the same draws on any number of
+    # processes (every rank seeds alike), and ε_γ's gradient is whole on every rank
+    t = self.text_from_eot(gather_with_grad(eot, rank, world_size))
+    v = {k: gather_with_grad(x, rank, world_size) for k, x in v.items()}
     sim = self.similarity(t, v)
     loss = self.loss(sim)
     if self.xpool_loss: loss = loss + self.loss(XPool.similarity(self, t, v))

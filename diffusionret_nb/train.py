@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from .benchmarks import resolve_config
 from .config import build_config
 from .core import DiffRetError, RunFailed, atomic_write_json
-from .distributed import barrier, broadcast_object, current, env_from_torchrun, init_distributed, shutdown
+from .distributed import barrier, broadcast_object, env_from_torchrun, init_distributed, shutdown
 from .pipeline import absolute_paths, check_inputs, train_eval
 from .runner import check_records, prepare_run_dir, run_params
 from .training import check_distributed

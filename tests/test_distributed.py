@@ -132,3 +132,11 @@ def test_global_batch_must_divide_by_the_processes(tmp_path):
     assert r.returncode != 0
     assert "batch_size=9 is the global batch and must divide by the 2 processes" in r.stderr
     assert not any(tmp_path.iterdir())                        # nothing was written
+
+
+def test_dits_two_processes_train_like_one(tmp_path):
+    """DITS: X-Pool's dropout on the pooled videos and the truncated chain's training noise are drawn after the gather,
+    for the global batch, so 2 processes still train like one (the chain once ran before the gather: 5e-3 apart)."""
+    args = TINY[:TINY.index("stage2=true") - 1] + ["-p", "stage2=false", "-p", "arch=dits", "--quiet", "--out", str(tmp_path)]
+    _run(args + ["--name", "one"]); _run(args + ["--name", "two"], nproc=2)
+    _assert_same_weights(_weights(tmp_path / "one")["model"], _weights(tmp_path / "two")["model"], atol=1e-4)
