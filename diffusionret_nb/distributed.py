@@ -103,15 +103,14 @@ def shard_range(n:int, rank:int, world_size:int) -> range:
 class DDPCB(Callback):
     "Wraps the forward model in DistributedDataParallel (after the device move) and checks every local batch's size."
     order = -9
-    def __init__(self, local_batch:int, find_unused_parameters:bool=True):
-        self.local_batch, self.find_unused = local_batch, find_unused_parameters
+    def __init__(self, local_batch:int, static_graph:bool=True):
+        self.local_batch, self.static_graph = local_batch, static_graph
 
     def before_fit(self):
         from torch.nn.parallel import DistributedDataParallel as DDP
         l = self.learn
         dev = next(l.model.parameters()).device
-        l.forward_model = DDP(l.model, device_ids=[dev] if dev.type == "cuda" else None,
-                              find_unused_parameters=self.find_unused)
+        l.forward_model = DDP(l.model, device_ids=[dev] if dev.type == "cuda" else None, static_graph=self.static_graph)
 
     def before_batch(self):
         b = self.learn.batch
