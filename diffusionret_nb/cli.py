@@ -19,7 +19,8 @@ from .core import ConfigError, DiffRetError, RunFailed
 from .config import PARAMS, SECTIONS, RunConfig, arch_recipe, check_value, flatten_params, list_paramsets, param_help
 
 # %% auto #0
-__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'eval_name', 'cmd_plan', 'cmd_eval', 'main', 'console']
+__all__ = ['demo', 'parse_overrides', 'cmd_params', 'cmd_run', 'plan_resources', 'eval_name', 'cmd_plan', 'cmd_eval',
+           'torchrun_command', 'run_torchrun', 'main', 'console']
 
 # %% ../nbs/70_cli.ipynb #0eae3ddf
 def demo(out="results/demo", name:str=None, force:bool=False, progress:bool=True, **overrides) -> Path:
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         common(p, out)
         p.add_argument("--name", help="run folder name (default: dataset-arch-preset-<hash of parameters>)")
         p.add_argument("--force", action="store_true", help="run again even if the run folder holds a finished run")
+        g = p.add_argument_group("distributed training (torchrun; `diffret train` only)")
+        g.add_argument("--nproc", type=int, metavar="N", help="run the training as a torchrun job of N processes on this node "
+                       "(one per GPU) instead of the papermill template")
+        g.add_argument("--nnodes", type=int, metavar="M", help="nodes of a multi-node job (with --node-rank and --rdzv-endpoint)")
+        g.add_argument("--node-rank", type=int, metavar="R", help="this node's rank, 0 .. M-1 (multi-node)")
+        g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the rendezvous address every node reaches (multi-node; "
+                       "node 0's host and a free port)")
     e = sub.add_parser("eval", help="evaluate a run folder or checkpoint (stage 1, stage 2 re-ranked, or a reference "
                                     "DiffusionRet model file) on any dataset and split")
     common(e, "results/eval")
@@ -68,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="result folder name (default: the run, the checkpoint and the overrides)")
     sub.add_parser("prepare", help="re-encode a dataset's videos and build its frame cache (see `diffret prepare -h`)", add_help=False)
     sub.add_parser("verify", help="check a dataset folder against its data card (see `diffret verify -h`)", add_help=False)
-    sub.add_parser("bench", help="benchmark similarity and diffusion re-ranking (see `diffret bench rerank -h`)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: re-ranking, training steps, the data loader (see `diffret bench rerank -h`, "
+                   "`diffret bench train -h`, `diffret bench loader -h`)", add_help=False)
     pl = sub.add_parser("plan", help="the plans that regenerate the papers' tables and figures: list, run, status, report")
     psub = pl.add_subparsers(dest="plan_cmd", required=True)
     ls = psub.add_parser("list", help="every plan: its tables, entries, profiles and expected wall time")
@@ -84,9 +93,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="fill ${NAME} in the plan (the paper profile's data folders and CLIP weights); default: the environment")
         p.add_argument("--only", action="append", default=[], metavar="ENTRY", help="run only this entry (and what it needs); repeatable")
         p.add_argument("--force", action="append", default=[], metavar="ENTRY", help="move this entry's finished run aside and run it again")
-        p.add_argument("--jobs", type=int, default=1, metavar="N", help="entries run side by side, each with cores // N torch threads")
-        p.add_argument("--dry-run", action="store_true", help="check every entry's inputs and print the papermill commands")
+        p.add_argument("--jobs", type=int, default=None, metavar="N", help="local: entries run side by side (default 1), each with "
+                       "cores // N torch threads; slurm: at most N entries queued or running (default: every entry whose needs are done)")
+        p.add_argument("--dry-run", action="store_true", help="check every entry's inputs and print the jobs: status, what each waits for, "
+                       "its resources (slurm) and papermill command")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"),
+                       help="where entries run: local processes (default); slurm: one Slurm job per entry through submitit; "
+                            "submitit-local: the same submitit path with local processes (no Slurm)")
+        sl = p.add_argument_group("Slurm resources of every entry (over the plan's `resources:`; --executor slurm or submitit-local)")
+        for flag, key, meta, h in (("partition", "partition", "NAME", "partition"), ("time", "time_min", "TIME",
+                                   "time limit: minutes, H:MM:SS or D-HH:MM"), ("gpus", "gpus", "N", "GPUs per node"),
+                                   ("cpus", "cpus", "N", "CPUs per task (and torch threads)"), ("mem", "mem_gb", "SIZE",
+                                   "memory: GB, or 64G / 500M"), ("account", "account", "NAME", "account"),
+                                   ("qos", "qos", "NAME", "quality of service"), ("constraint", "constraint", "FEATURES", "node constraint")):
+            sl.add_argument(f"--slurm-{flag}", dest=f"slurm_{key}", metavar=meta, help=h)
+        sl.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                       help="a shell line run before each job, e.g. 'module load cuda' (repeatable)")
+        sl.add_argument("--slurm-option", action="append", default=[], metavar="NAME=VALUE",
+                       help="any other sbatch option, e.g. reservation=mine (repeatable)")
     for n, h in (("run", "run every entry of a plan with papermill (resumable: finished entries are skipped)"),
                  ("status", "done / failed (with the error line) / not run, per entry"),
                  ("report", "execute the report notebook: the paper's tables beside ours, CSV, LaTeX, figures")):
@@ -127,9 +152,29 @@ def cmd_params(args):
 def cmd_run(args):
     from diffusionret_nb.runner import run_experiment, run_params
     overrides = parse_overrides(args.param, args.params)
+    if args.nproc is not None or args.nnodes is not None or args.node_rank is not None or args.rdzv_endpoint:
+        return run_torchrun(args)
     if args.cmd == "demo": run_dir = demo(args.out, args.name, args.force, not args.quiet, **overrides)
     else: run_dir = run_experiment(run_params(args.paramset, **overrides), args.out, args.name, args.force, not args.quiet)
     _print_result(run_dir)
+
+def plan_resources(args) -> dict:
+    "The `--slurm-*` options of `plan run` / `reproduce` as checked resources (a named error for a bad one)."
+    from diffusionret_nb.plans import check_resources
+    out = {}
+    for key in ("partition", "time_min", "gpus", "cpus", "mem_gb", "account", "qos", "constraint"):
+        v = getattr(args, f"slurm_{key}", None)
+        if v is not None:
+            flag = {"time_min": "time", "mem_gb": "mem"}.get(key, key)
+            out.update(check_resources({key: v}, f"--slurm-{flag}"))
+    if args.slurm_setup: out.update(check_resources(dict(setup=args.slurm_setup), "--slurm-setup"))
+    if args.slurm_option:
+        opts = {}
+        for kv in args.slurm_option:
+            if "=" not in kv: raise ConfigError(f"--slurm-option expects NAME=VALUE (an sbatch option without '--'), got {kv!r}")
+            k, v = kv.split("=", 1); opts[k.strip()] = v
+        out.update(check_resources(dict(sbatch=opts), "--slurm-option"))
+    return out
 
 def eval_name(checkpoint, overrides:dict) -> str:
     "Default folder name of an evaluation: the run (and checkpoint) it evaluates, then its overrides."
@@ -176,7 +221,7 @@ def cmd_plan(args):
         print(f"report: {plans.report_plan(args.plan, args.out)}/table.md"); return
     t0 = time.time()
     res = plans.run_plan(args.plan, args.profile, parse_overrides(args.param), args.out, args.only, args.force, args.jobs,
-                         args.dry_run, _vars(args.var), progress=not args.quiet)
+                         args.dry_run, _vars(args.var), progress=not args.quiet, executor=args.executor, resources=plan_resources(args))
     if args.dry_run: return
     print(f"\n{'entry':28s} {'status':8s} {'min':>6s}  detail")
     for name, (st, detail, minutes) in res.items(): print(f"{name:28s} {st:8s} {minutes:6.1f}  {detail}")
@@ -198,6 +243,54 @@ def cmd_eval(args):
     evaluate_checkpoint(args.checkpoint, run_dir, overrides, progress=not args.quiet)
     _print_result(run_dir)
 
+# %% ../nbs/70_cli.ipynb #c5d1a002
+_TORCHRUN_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+def torchrun_command(args) -> list:
+    "The torchrun command of `diffret train --nproc N ...` (see above); a `ConfigError` naming the bad option."
+    given = [f for f, v in zip(_TORCHRUN_FLAGS, (args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)) if v is not None]
+    if args.cmd != "train":
+        raise ConfigError(f"{' '.join(given)}: distributed training is `diffret train --nproc N`, not `diffret {args.cmd}`; "
+                          f"the demo's recipe on N processes: diffret train --set demo --nproc N")
+    if args.nproc is None: raise ConfigError("--nnodes, --node-rank and --rdzv-endpoint need --nproc N (processes per node)")
+    if args.nproc < 1: raise ConfigError(f"--nproc must be >= 1 (processes per node), got {args.nproc}")
+    nnodes = 1 if args.nnodes is None else args.nnodes
+    if nnodes < 1: raise ConfigError(f"--nnodes must be >= 1, got {nnodes}")
+    multi = nnodes > 1 or args.rdzv_endpoint is not None or args.node_rank is not None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    if multi:
+        if not args.rdzv_endpoint: raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (node 0's host and a free port)")
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9_.-]+):(\d+)", args.rdzv_endpoint)
+        if not m or not 1 <= int(m.group(2)) <= 65535:
+            raise ConfigError(f"--rdzv-endpoint must be HOST:PORT with a port 1-65535, got {args.rdzv_endpoint!r}")
+        if args.node_rank is None: raise ConfigError(f"--nnodes {nnodes} needs --node-rank R (this node's rank, 0 .. {nnodes - 1})")
+        if not 0 <= args.node_rank < nnodes: raise ConfigError(f"--node-rank must be in 0 .. {nnodes - 1} (--nnodes {nnodes}), got {args.node_rank}")
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(args.node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint]
+    else: cmd += ["--standalone"]
+    cmd += ["-m", "diffusionret_nb.train"]
+    if args.paramset: cmd += ["--set", args.paramset]
+    for kv in args.param: cmd += ["-p", kv]
+    if args.params: cmd += ["--params", args.params]
+    cmd += ["--out", args.out]
+    if args.name: cmd += ["--name", args.name]
+    cmd += ["--force"] * bool(args.force) + ["--quiet"] * bool(args.quiet)
+    return cmd
+
+def run_torchrun(args) -> int:
+    "Run `torchrun_command(args)` (printed first), wait for it and return its exit status."
+    import importlib.util, shlex, signal, subprocess
+    cmd = torchrun_command(args)
+    if importlib.util.find_spec("diffusionret_nb.train") is None:
+        raise ConfigError("diffret train --nproc runs `python -m diffusionret_nb.train`, which this checkout lacks "
+                          "(nbs/71_train.ipynb, exported with nbdev_export)")
+    print("torchrun: " + shlex.join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+    try: return proc.wait()
+    except KeyboardInterrupt:                       # the terminal's Ctrl-C reached torchrun too: let it stop its workers
+        try: return proc.wait(60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.send_signal(signal.SIGTERM); return proc.wait()
+
 # %% ../nbs/70_cli.ipynb #fa05fcba
 def main(argv=None) -> int:
     "Entry point of `diffret`; returns the exit status (2: bad input, 1: the run failed, 130: interrupted)."
@@ -206,13 +299,20 @@ def main(argv=None) -> int:
     if argv[:1] in (["prepare"], ["verify"]):                 # own argument parsers (diffusionret_nb.prepare)
         from diffusionret_nb.prepare import prepare_main, verify_main
         return (prepare_main if argv[0] == "prepare" else verify_main)(argv[1:])
-    if argv[:1] == ["bench"]:                                  # own argument parser (diffusionret_nb.bench)
+    if argv[:2] in (["bench", "train"], ["bench", "loader"]):   # own argument parsers (diffusionret_nb.bench_train)
+        try: from diffusionret_nb.bench_train import bench_loader_main, bench_train_main
+        except ModuleNotFoundError as e:
+            if e.name != "diffusionret_nb.bench_train": raise
+            print(f"diffret: error: `diffret bench {argv[1]}` needs diffusionret_nb.bench_train (nbs/56_bench_train.ipynb), which "
+                  "this checkout lacks", file=sys.stderr); return 2
+        return (bench_train_main if argv[1] == "train" else bench_loader_main)(argv[2:])
+    if argv[:1] == ["bench"]:                                  # own argument parser (diffusionret_nb.bench): `bench rerank`
         from diffusionret_nb.bench import bench_main
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        {"params": cmd_params, "demo": cmd_run, "train": cmd_run, "eval": cmd_eval, "plan": cmd_plan,
-         "reproduce": cmd_plan}[args.cmd](args)
+        rc = {"params": cmd_params, "demo": cmd_run, "train": cmd_run, "eval": cmd_eval, "plan": cmd_plan,
+              "reproduce": cmd_plan}[args.cmd](args)             # an int: the exit status of a child (`train --nproc`)
     except RunFailed as e:
         print(f"diffret: {e}", file=sys.stderr); return 1
     except DiffRetError as e:
@@ -220,7 +320,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("diffret: interrupted; run the same command again to resume from the run's checkpoints/last.pt", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 def console():
     "Console-script wrapper around `main`."

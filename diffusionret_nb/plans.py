@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import PARAMS, build_config, check_value, load_paramset
-from .core import ConfigError, DiffRetError, atomic_write_json, ensure_writable
+from .core import ConfigError, DiffRetError, atomic_write_json, atomic_write_text, ensure_writable
 from .pipeline import EVAL_OVERRIDABLE, absolute_paths, check_inputs, stage1_param_diff
 from .runner import check_records, template_path
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'PlanError',
-           'plans_dir', 'plan_names', 'plan_path', 'load_plan', 'Job', 'for_profile', 'plan_runs', 'plan_jobs',
-           'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs', 'entry_main',
-           'run_plan', 'plan_status', 'report_plan']
+__all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'RESOURCE_KEYS',
+           'EXECUTORS', 'DEFAULT_RESOURCES', 'PlanError', 'plans_dir', 'plan_names', 'plan_path', 'ResourceError',
+           'check_resources', 'default_resources', 'load_plan', 'Job', 'for_profile', 'plan_runs', 'plan_jobs',
+           'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs', 'LocalLauncher',
+           'entry_main', 'job_resources', 'resources_text', 'slurm_parameters', 'local_parameters', 'job_record_path',
+           'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan', 'plan_status', 'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -33,7 +35,7 @@ class PlanError(ConfigError):
 
 TEMPLATES = ("train_eval", "evaluate")
 PLAN_KEYS = {"title", "doc", "paper", "tables", "minutes", "seeds", "profiles", "entries", "cells", "compare", "figures"}
-ENTRY_KEYS = {"template", "doc", "params", "profiles", "stage1", "checkpoint", "init", "clip_from", "per_seed", "only"}
+ENTRY_KEYS = {"template", "doc", "params", "profiles", "stage1", "checkpoint", "init", "clip_from", "per_seed", "only", "resources"}
 DEPS = ("stage1", "checkpoint", "init", "clip_from")         # the entry keys that name another entry
 DEP_PARAMS = (("stage1", "stage1_checkpoint"), ("checkpoint", "checkpoint"), ("init", "checkpoint"), ("clip_from", "pretrained"))
 CELL_KEYS = {"table", "row", "column", "entry", "block", "direction", "na"}
@@ -80,6 +82,101 @@ def _params(x, where, evaluate:bool=False) -> dict:
         out[k] = v
     return out
 
+# %% ../nbs/62_plans.ipynb #a41c0e02
+class ResourceError(PlanError):
+    "A resource request (a plan's `resources:` or a `--slurm-*` option) that cannot be submitted."
+
+RESOURCE_KEYS = dict(                                         # key: what a value must be
+    gpus="an integer >= 0 (GPUs per node)", cpus="an integer >= 1 (CPUs per task)",
+    mem_gb="a number of GB > 0, or a size such as '64G' or '500M' (memory)",
+    time_min="an integer of minutes >= 1, or Slurm's 'H:MM:SS', 'D-HH' or 'D-HH:MM' (time limit)",
+    partition="a word (Slurm partition)", account="a word (Slurm account)", qos="a word (Slurm quality of service)",
+    constraint="a word (Slurm node constraint)", setup="a list of shell lines (run before the job)",
+    sbatch="a mapping name: value (other sbatch options)")
+_OWN_SBATCH = {"time", "partition", "account", "qos", "constraint", "mem", "gpus-per-node", "cpus-per-task", "nodes",
+               "ntasks-per-node", "job-name", "output", "error", "gres", "gpus", "mem-per-cpu", "mem-per-gpu"}
+
+def _res_fail(where, key, v):
+    raise ResourceError(f"{where}: {key} must be {RESOURCE_KEYS[key]}, got {v!r}")
+
+def _res_int(v, lo, where, key) -> int:
+    if isinstance(v, str) and v.strip().isdigit(): v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo: _res_fail(where, key, v)
+    return v
+
+def _res_minutes(v, where) -> int:
+    "Minutes of a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (seconds round up)."
+    if isinstance(v, str) and not v.strip().isdigit():
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", v.strip())
+        if not m: _res_fail(where, "time_min", v)
+        d, a, b, c = (int(x) if x else None for x in m.groups())
+        if d is not None: mins = d * 1440 + a * 60 + (b or 0) + ((c or 0) > 0)            # D-H[:M[:S]]
+        elif c is not None: mins = a * 60 + b + (c > 0)                                # H:M:S
+        else: mins = a + ((b or 0) > 0)                                                # M[:S]
+        if mins < 1: _res_fail(where, "time_min", v)
+        return mins
+    return _res_int(v, 1, where, "time_min")
+
+def _res_mem(v, where) -> float:
+    "GB of a memory request: a number (GB) or a string with K, M, G or T (B optional)."
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", v, re.IGNORECASE)
+        if not m: _res_fail(where, "mem_gb", v)
+        v = float(m.group(1)) * {"K": 2**-20, "M": 2**-10, "G": 1, "T": 1024, "": 1}[m.group(2).upper()]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0: _res_fail(where, "mem_gb", v)
+    return int(v) if float(v).is_integer() else float(v)
+
+def _res_word(v, where, key) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.,:@%+=/-]+", v): _res_fail(where, key, v)
+    return v
+
+def check_resources(res, where:str) -> dict:
+    "Checked and normalised resources (see above): a `ResourceError` naming `where` and the key on a bad one."
+    res = {} if res is None else res
+    if not isinstance(res, dict): raise ResourceError(f"{where} must be a mapping of {', '.join(RESOURCE_KEYS)}, got {res!r}")
+    out = {}
+    for k, v in res.items():
+        w = f"{where}: {k}"
+        if k not in RESOURCE_KEYS: raise ResourceError(f"{where}: unknown resource {k!r}; expected one of {', '.join(RESOURCE_KEYS)}")
+        if k == "gpus": out[k] = _res_int(v, 0, where, k)
+        elif k == "cpus": out[k] = _res_int(v, 1, where, k)
+        elif k == "mem_gb": out[k] = _res_mem(v, where)
+        elif k == "time_min": out[k] = _res_minutes(v, where)
+        elif k == "setup":
+            if not (isinstance(v, list) and all(isinstance(x, str) and x.strip() and "\n" not in x for x in v)): _res_fail(where, k, v)
+            out[k] = list(v)
+        elif k == "sbatch":
+            if not isinstance(v, dict): _res_fail(where, k, v)
+            for n, x in v.items():
+                if not (isinstance(n, str) and re.fullmatch(r"[a-z][a-z0-9_-]*", n)):
+                    raise ResourceError(f"{w}: option names are sbatch's long options without '--' (e.g. reservation), got {n!r}")
+                if n.replace("_", "-") in _OWN_SBATCH:
+                    raise ResourceError(f"{w}: {n!r} is set by the resource keys ({', '.join(k for k in RESOURCE_KEYS if k not in ('setup', 'sbatch'))}); use those")
+                if isinstance(x, dict) or isinstance(x, list) or (isinstance(x, str) and "\n" in x):
+                    raise ResourceError(f"{w}: {n} must be a single value, got {x!r}")
+            out[k] = dict(v)
+        else: out[k] = _res_word(v, where, k)
+    return out
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+DEFAULT_RESOURCES = {"paper": dict(gpus=1, cpus=8, mem_gb=64), "*": dict(gpus=0, cpus=2, mem_gb=8)}
+
+def default_resources(plan:dict, profile:str, template:str="train_eval") -> dict:
+    "An entry's resources before the plan's and the command line's (see above)."
+    m = plan.get("minutes", {}).get(profile)
+    ok = isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0
+    return {**DEFAULT_RESOURCES.get(profile, DEFAULT_RESOURCES["*"]),
+            "time_min": max(30, int(2 * m)) if ok else (1440 if template == "train_eval" else 240)}
+
+def _entry_resources(x, profiles:dict, where:str) -> dict:
+    "An entry's `resources:`: {'*': for every profile, <profile>: for one}."
+    x = _mapping(x, where, "resources")
+    flat = {k: v for k, v in x.items() if k not in profiles}
+    out = {"*": check_resources(flat, f"{where}: resources")}
+    for p in profiles:
+        if p in x: out[p] = check_resources(x[p], f"{where}: resources: {p}")
+    return out
+
 # %% ../nbs/62_plans.ipynb #6c4b8a92
 def load_plan(name, _stack:tuple=()) -> dict:
     "Plan `name` (or a path to a plan file), checked and normalised (with the plans it takes entries from under 'external')."
@@ -100,12 +197,13 @@ def load_plan(name, _stack:tuple=()) -> dict:
     profiles = {}
     for p, spec in _mapping(raw["profiles"], where, "profiles").items():
         spec = _mapping(spec, f"{where}: profile {p!r}", "a profile")
-        bad = sorted(set(spec) - {"doc", "set", "params"})
-        _need(not bad, f"{where}: profile {p!r}", f"unknown key(s) {bad}; expected doc, set, params")
+        bad = sorted(set(spec) - {"doc", "set", "params", "resources"})
+        _need(not bad, f"{where}: profile {p!r}", f"unknown key(s) {bad}; expected doc, set, params, resources")
         try: base = load_paramset(spec["set"]) if spec.get("set") else {}
         except ConfigError as e: raise PlanError(f"{where}: profile {p!r}: {e}") from None
         profiles[p] = dict(doc=spec.get("doc", ""), set=spec.get("set", ""),
-                           params={**base, **_params(spec.get("params"), f"{where}: profile {p!r}")})
+                           params={**base, **_params(spec.get("params"), f"{where}: profile {p!r}")},
+                           resources=check_resources(spec.get("resources"), f"{where}: profile {p!r}: resources"))
     _need(profiles, where, "no profiles")
     entries = {}
     for e, spec in _mapping(raw.get("entries"), where, "entries").items():
@@ -131,7 +229,8 @@ def load_plan(name, _stack:tuple=()) -> dict:
         for p in list(eprof) + only: _need(p in profiles, w, f"profile {p!r} is not one of the plan's profiles {sorted(profiles)}")
         entries[e] = dict(template=t, doc=spec.get("doc", ""), params=_params(spec.get("params"), w, ev),
                           profiles={p: _params(v, f"{w}, profile {p!r}", ev) for p, v in eprof.items()},
-                          per_seed=per, only=only, **{k: spec.get(k) for k in DEPS})
+                          per_seed=per, only=only, resources=_entry_resources(spec.get("resources"), profiles, w),
+                          **{k: spec.get(k) for k in DEPS})
     external = {}
     def resolve(ref, w, train_only=True):
         "`entry` or `plan:entry` (plan relative to this plan's folder or from plans/) -> (full ref, plan dict, entry name)."
@@ -230,6 +329,7 @@ class Job:
     params: dict
     needs: list = field(default_factory=list)    # folders (str) of the jobs this one needs
     label: str = ""                              # how it is shown: the folder name, `<plan>:<folder>` for another plan's
+    resources: dict = field(default_factory=dict)  # what it asks a cluster for (see `job_resources`); not part of the run
 
     @property
     def key(self) -> str: return str(self.dir)
@@ -335,7 +435,9 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
                     if dep is None: raise PlanError(f"{where} takes {key} from {target!r}, which does not run under profile {profile!r}")
                     _add_with_needs(dep, {j.key: j for j in ojobs}, op["name"], add)
                 p[key] = str(dep.dir); needs.append(dep.key)
-            job = Job(plan["name"], e, s, base / _folder(e, s), spec["template"], absolute_paths(p), needs, _folder(e, s))
+            res = {**default_resources(plan, profile, spec["template"]), **plan["profiles"][profile].get("resources", {}),
+                   **spec.get("resources", {}).get("*", {}), **spec.get("resources", {}).get(profile, {})}
+            job = Job(plan["name"], e, s, base / _folder(e, s), spec["template"], absolute_paths(p), needs, _folder(e, s), res)
             add(job); by[(e, s)] = job
     for ref in dict.fromkeys(r["entry"] for r in plan_runs(plan) if ":" in r["entry"]):   # what the cells and figures show
         op, te = _split(plan, ref)
@@ -432,9 +534,11 @@ def papermill_command(job:Job) -> str:
             f"-p extra_json {shlex.quote(json.dumps(job.params, sort_keys=True))}")
 
 # %% ../nbs/62_plans.ipynb #8b1d5f07
-def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=1, progress:bool=True, log=print) -> dict:
-    "Run the selected jobs (see above); returns {label: (status, detail, minutes)} of every selected job."
+def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=None, progress:bool=True, log=print,
+             executor:str="local", resources:dict=None, poll_s:float=None) -> dict:
+    "Run the selected jobs (see above) with `executor` (see Executors below); returns {label: (status, detail, minutes)} of every selected job."
     from tqdm.auto import tqdm
+    launcher = executor if hasattr(executor, "start") else make_launcher(executor, n_jobs, resources, log, poll_s)  # fails before anything
     todo, force = select_jobs(jobs, only, force), set(force)
     forced = lambda j: ":" not in j.label and (j.label in force or j.entry in force)
     for j in todo:                                            # refuse before anything runs, as `diffret train` does
@@ -448,47 +552,66 @@ def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=1,
             old = j.dir.with_name(f"{j.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(j.dir), str(old)); log(f"{j.label}: moved the previous run to {old.name}")
         if job_status(j.dir)[0] == "done": result[j.key] = ("done", "already complete", 0.0); state[j.key] = "done"
-    env = {**os.environ, **_threads(n_jobs), "PYTHONUNBUFFERED": "1"}
     bar = tqdm(total=len(todo), desc=f"{plan['name']} [{profile}]", unit="entry", disable=not progress)
     bar.update(len(result))
     try:
         while len(result) < len(todo):
             for j in todo:
-                if j.key in state or len(running) >= max(1, n_jobs): continue
+                if j.key in state or len(running) >= launcher.n_jobs: continue
                 bad = [labels[d] for d in j.needs if state.get(d) in ("failed", "blocked")]
                 if bad:
                     state[j.key] = "blocked"; result[j.key] = ("blocked", f"needs {', '.join(bad)}, which did not finish", 0.0)
                     bar.update(1); continue
-                if all(state.get(d) == "done" for d in j.needs):
+                if all(state.get(d) == "done" for d in j.needs):     # an entry starts once what it needs is done
                     j.dir.mkdir(parents=True, exist_ok=True)
                     atomic_write_json(j.dir / "entry.json", _entry_record(j, profile))
-                    logf = open(j.dir / "log.txt", "a")
-                    cmd = [sys.executable, "-c", "import sys; from diffusionret_nb.plans import entry_main; entry_main(sys.argv[1])",
-                           str(j.dir / "entry.json")]
-                    running[j.key] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf, time.time(), j)
+                    running[j.key] = (launcher.start(j), time.time(), j)
                     state[j.key] = "running"; bar.set_postfix_str(j.label)
-            for key, (proc, logf, t0, j) in list(running.items()):
-                if proc.poll() is None: continue
-                logf.close(); del running[key]
-                st, detail = job_status(j.dir)
-                st = "done" if st == "done" and proc.returncode == 0 else "failed"
-                if st == "failed" and not detail: detail = f"exit status {proc.returncode}; see {j.dir / 'log.txt'}"
+            for key, (handle, t0, j) in list(running.items()):
+                rc = launcher.poll(handle)
+                if rc is None: continue
+                del running[key]
+                was, detail = job_status(j.dir)
+                st = "done" if was == "done" and rc == 0 else "failed"
+                if st == "failed" and was != "failed": detail = launcher.failure(handle, rc, j)   # no error.txt: why, from the launcher
                 state[key], result[key] = st, (st, detail, (time.time() - t0) / 60)
                 bar.update(1)
-            if running: time.sleep(0.5)
+            if running: time.sleep(launcher.poll_s)
             elif all(j.key in state for j in todo): break
     except KeyboardInterrupt:
-        for proc, logf, t0, j in running.values():
-            try: proc.send_signal(signal.SIGINT)
-            except ProcessLookupError: pass
-        for proc, logf, t0, j in running.values():
-            try: proc.wait(30)
-            except subprocess.TimeoutExpired: proc.kill()
-            logf.close()
+        launcher.interrupt([(h, j) for h, t0, j in running.values()])
         bar.close()
         raise
     bar.close()
     return {j.label: result.get(j.key, ("not run", "", 0.0)) for j in todo}
+
+def _start_entry(entry_json, env:dict) -> tuple:
+    "Start the entry process of `entry_json` (`entry_main`), its output appended to the entry's log.txt: (process, log file)."
+    logf = open(Path(entry_json).parent / "log.txt", "a")
+    cmd = [sys.executable, "-c", "import sys; from diffusionret_nb.plans import entry_main; entry_main(sys.argv[1])", str(entry_json)]
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf
+
+class LocalLauncher:
+    "The local executor: each entry a child process of this one, up to `n_jobs` at once, each with cores // n_jobs threads."
+    name = "local"
+    def __init__(self, n_jobs:int=None, log=print, poll_s:float=None):
+        self.n_jobs, self.log, self.poll_s = max(1, n_jobs or 1), log, poll_s or 0.5
+        self.env = {**os.environ, **_threads(self.n_jobs), "PYTHONUNBUFFERED": "1"}
+    def start(self, job:Job): return _start_entry(job.dir / "entry.json", self.env)
+    def poll(self, handle):
+        proc, logf = handle
+        if proc.poll() is None: return None
+        logf.close(); return proc.returncode
+    def failure(self, handle, rc:int, job:Job) -> str: return f"exit status {rc}; see {job.dir / 'log.txt'}"
+    def interrupt(self, running:list):
+        "Ctrl-C: stop the running entries (each saves what it can); the same command resumes them."
+        for (proc, logf), j in running:
+            try: proc.send_signal(signal.SIGINT)
+            except ProcessLookupError: pass
+        for (proc, logf), j in running:
+            try: proc.wait(30)
+            except subprocess.TimeoutExpired: proc.kill()
+            logf.close()
 
 def entry_main(entry_json):
     "The job process: hold the folder's lock and execute the template (see `run_jobs`); exits 1 on failure, 130 on Ctrl-C."
@@ -503,25 +626,201 @@ def entry_main(entry_json):
     except DiffRetError as e: print(f"error: {e}", file=sys.stderr); sys.exit(1)
     except KeyboardInterrupt: print("interrupted: the same command resumes this entry", file=sys.stderr); sys.exit(130)
 
+# %% ../nbs/62_plans.ipynb #e7c20a02
+def job_resources(job:Job, overrides:dict=None) -> dict:
+    "What `job` asks for: its plan's resources with the command line's on top (`sbatch` merged, `setup` appended)."
+    o = overrides or {}
+    out = {**job.resources, **{k: v for k, v in o.items() if k not in ("sbatch", "setup")}}
+    if o.get("sbatch") or job.resources.get("sbatch"): out["sbatch"] = {**job.resources.get("sbatch", {}), **o.get("sbatch", {})}
+    if o.get("setup") or job.resources.get("setup"): out["setup"] = job.resources.get("setup", []) + o.get("setup", [])
+    return out
+
+def _mem(gb) -> str: return f"{int(gb)}G" if float(gb).is_integer() else f"{max(1, round(gb * 1024))}M"
+
+def resources_text(res:dict) -> str:
+    "One line: what a job asks for (what --dry-run prints)."
+    parts = [f"gpus={res.get('gpus', 0)}", f"cpus={res.get('cpus', 1)}", f"mem={_mem(res.get('mem_gb', 8))}", f"time={res.get('time_min')}min"]
+    parts += [f"{k}={res[k]}" for k in ("partition", "account", "qos", "constraint") if res.get(k)]
+    parts += [f"--{k}={v}" for k, v in res.get("sbatch", {}).items()]
+    return " ".join(parts) + (f"; setup: {' && '.join(res['setup'])}" if res.get("setup") else "")
+
+def slurm_parameters(res:dict, name:str) -> dict:
+    "submitit `SlurmExecutor.update_parameters` arguments of resources `res`: one task on one node."
+    p = dict(job_name=name, nodes=1, ntasks_per_node=1, cpus_per_task=res.get("cpus", 1), time=res["time_min"],
+             mem=_mem(res.get("mem_gb", 8)), stderr_to_stdout=True)
+    if res.get("gpus"): p["gpus_per_node"] = res["gpus"]
+    p.update({k: res[k] for k in ("partition", "account", "qos", "constraint") if res.get(k)})
+    if res.get("setup"): p["setup"] = list(res["setup"])
+    if res.get("sbatch"): p["additional_parameters"] = dict(res["sbatch"])
+    return p
+
+def local_parameters(res:dict) -> dict:
+    "submitit `LocalExecutor.update_parameters` arguments: its time limit, GPUs and setup lines (the rest has no meaning there)."
+    return dict(timeout_min=res["time_min"], gpus_per_node=res.get("gpus", 0), tasks_per_node=1, stderr_to_stdout=True,
+                **({"setup": list(res["setup"])} if res.get("setup") else {}))
+
+def job_record_path(job_dir) -> Path:
+    "Where the submitit job of an entry folder is recorded: `<out>/<plan>/slurm/jobs/<entry>.json`."
+    d = Path(job_dir); return d.parent / "slurm" / "jobs" / f"{d.name}.json"
+
+# %% ../nbs/62_plans.ipynb #e7c20a05
+_LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+         "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+
+def _import_submitit(executor:str):
+    try: import submitit
+    except ImportError:
+        raise PlanError(f"--executor {executor} needs submitit: pip install submitit==1.5.4 (it is in requirements.txt); "
+                        f"--executor local needs nothing more") from None
+    return submitit
+
+def submitted_entry(entry_json:str, env:dict) -> int:
+    "What a submitit job runs: the same entry process as the local executor (`entry_main`, output in log.txt); returns its exit status."
+    proc, logf = _start_entry(entry_json, {**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+    print(f"{Path(entry_json).parent}: entry process {proc.pid} started; its output goes to log.txt there", flush=True)
+    try: rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT); rc = proc.wait()
+    finally: logf.close()
+    print(f"{Path(entry_json).parent}: exit status {rc}", flush=True)
+    return rc
+
+class SubmititLauncher:
+    "The `slurm` and `submitit-local` executors: each entry one submitit job (see above)."
+    def __init__(self, name:str, n_jobs:int=None, resources:dict=None, log=print, poll_s:float=None):
+        self.name, self.log, self.overrides = name, log, resources or {}
+        self.submitit = _import_submitit(name)
+        self.slurm = name == "slurm"
+        if self.slurm and not shutil.which("sbatch"):
+            raise PlanError("--executor slurm: no Slurm here (sbatch is not on the PATH); run it on the cluster's login node, "
+                            "check the jobs with --dry-run, or try the same path locally with --executor submitit-local")
+        self.n_jobs = max(1, n_jobs) if n_jobs else (10**6 if self.slurm else 1)
+        self.poll_s = poll_s or (15.0 if self.slurm else 1.0)
+        self.errors = {}
+
+    def _executor(self, folder:Path):
+        return (self.submitit.SlurmExecutor if self.slurm else self.submitit.LocalExecutor)(folder=str(folder))
+
+    def _reattach(self, job:Job):
+        "The still pending or running Slurm job of an earlier `plan run` for this entry, or None (its stale lock removed)."
+        rec_path = job_record_path(job.dir)
+        if not (self.slurm and rec_path.is_file()): return None
+        try: rec = json.loads(rec_path.read_text())
+        except (OSError, ValueError): return None
+        if rec.get("executor") != "slurm": return None
+        old = self.submitit.SlurmJob(folder=rec["folder"], job_id=str(rec["job_id"]))
+        st = old.state
+        if st in _LIVE:
+            self.log(f"{job.label}: Slurm job {old.job_id} of an earlier run is {st}; waiting for it (not submitting again)")
+            return old
+        lock = job.dir / ".lock"
+        if lock.is_file():
+            try: holder = json.loads(lock.read_text())
+            except (OSError, ValueError): holder = {}
+            import socket
+            from diffusionret_nb.core import _pid_alive
+            here = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"])
+            if not here:
+                lock.unlink(missing_ok=True)
+                self.log(f"{job.label}: removed the lock left by Slurm job {old.job_id} ({st})")
+        return None
+
+    def start(self, job:Job):
+        old = self._reattach(job)
+        if old is not None: return old
+        res = job_resources(job, self.overrides)
+        folder = job.dir.parent / "slurm"
+        ex = self._executor(folder)
+        name = f"diffret:{job.plan}:{job.dir.name}"
+        try: ex.update_parameters(**(slurm_parameters(res, name) if self.slurm else local_parameters(res)))
+        except ValueError as e: raise ResourceError(f"{job.label}: submitit refused the resources {resources_text(res)}: {e}") from None
+        threads = str(res.get("cpus", 1)) if self.slurm else _threads(self.n_jobs).get("OMP_NUM_THREADS")
+        env = dict(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads) if threads else {}
+        sj = ex.submit(submitted_entry, str(job.dir / "entry.json"), env)
+        atomic_write_json(job_record_path(job.dir), dict(executor=self.name, job_id=str(sj.job_id), folder=str(folder),
+                                                         entry=str(job.dir), submitted=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                         resources=res))
+        if self.slurm: self.log(f"{job.label}: submitted as Slurm job {sj.job_id} ({resources_text(res)})")
+        return sj
+
+    def poll(self, sj):
+        if not sj.done(): return None
+        try:
+            rc = sj.result()
+            return rc if isinstance(rc, int) else 1
+        except Exception as e:                                   # killed, timed out, cancelled: no result
+            self.errors[sj.job_id] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return -1
+
+    def failure(self, sj, rc:int, job:Job) -> str:
+        "The detail of a failed entry without error.txt; a job that did not end by itself leaves one, so `plan status` says so."
+        log = Path(sj.paths.stdout)
+        if rc != -1: return f"exit status {rc}; see {job.dir / 'log.txt'} and {log}"
+        detail = f"{self.name} job {sj.job_id} ended {sj.state}: {self.errors.get(sj.job_id, '')}; see {log} and {job.dir / 'log.txt'}"
+        if job.dir.is_dir() and not (job.dir / "error.txt").exists(): atomic_write_text(job.dir / "error.txt", detail + "\n")
+        return detail
+
+    def interrupt(self, running:list):
+        if self.slurm:
+            ids = " ".join(str(sj.job_id) for sj, j in running)
+            if ids: self.log(f"interrupted: the Slurm jobs {ids} keep running; the same command waits for them instead of "
+                             f"submitting them again (`scancel {ids}` stops them)")
+            return
+        for sj, j in running: sj.cancel(check=False)         # submitit-local: its jobs stop, like the local executor's
+        for sj, j in running:
+            t = time.time() + 30
+            while not sj.done() and time.time() < t: time.sleep(0.2)
+
+def make_launcher(executor:str="local", n_jobs:int=None, resources:dict=None, log=print, poll_s:float=None):
+    "The launcher of `executor` (see above): a `PlanError` naming the executor, submitit or Slurm when it cannot run here."
+    if executor not in EXECUTORS: raise PlanError(f"unknown executor {executor!r}; expected one of {', '.join(EXECUTORS)}")
+    if n_jobs is not None and (not isinstance(n_jobs, int) or n_jobs < 1): raise PlanError(f"--jobs must be an integer >= 1, got {n_jobs!r}")
+    if executor == "local":
+        if resources: raise ResourceError(f"resources ({', '.join(resources)}) apply to --executor slurm or submitit-local, not local")
+        return LocalLauncher(n_jobs, log, poll_s)
+    return SubmititLauncher(executor, n_jobs, resources, log, poll_s)
+
 # %% ../nbs/62_plans.ipynb #2b9e6d54
-def run_plan(name, profile:str="synthetic", overrides:dict=None, out="results", only=(), force=(), n_jobs:int=1,
-             dry_run:bool=False, variables:dict=None, progress:bool=True, log=print) -> dict:
-    "Run plan `name` under `profile` (see `run_jobs`); with `dry_run`, check and print the commands instead."
+def run_plan(name, profile:str="synthetic", overrides:dict=None, out="results", only=(), force=(), n_jobs:int=None,
+             dry_run:bool=False, variables:dict=None, progress:bool=True, log=print, executor:str="local",
+             resources:dict=None, poll_s:float=None) -> dict:
+    "Run plan `name` under `profile` with `executor` (see `run_jobs`); with `dry_run`, check and print the jobs instead."
+    if executor not in EXECUTORS: raise PlanError(f"unknown executor {executor!r}; expected one of {', '.join(EXECUTORS)}")
+    resources = check_resources(resources, "the command line's resources")
+    if resources and executor == "local":
+        raise ResourceError(f"resources ({', '.join(resources)}) apply to --executor slurm or submitit-local, not local")
+    launcher = None if dry_run else make_launcher(executor, n_jobs, resources, log, poll_s)   # no submitit or Slurm: fail at once
     plan = load_plan(name)
     jobs = plan_jobs(plan, profile, overrides, out, variables)
     synthetic = all(build_config(**j.params).data.dataset.startswith("synthetic") for j in jobs if j.template == "train_eval")
     check_jobs(jobs, records=not (dry_run and synthetic))
     if dry_run:
+        labels = {j.key: j.label for j in jobs}
         for j in select_jobs(jobs, only, force):
-            log(f"# {j.label} ({job_status(j.dir)[0]})" + (f", after {', '.join(Path(d).name for d in j.needs)}" if j.needs else ""))
+            after = ", ".join(labels[d] for d in j.needs)
+            log(f"# {j.label} ({job_status(j.dir)[0]})" + (f", after {after}" if after else ""))
+            if executor != "local":
+                log(f"#   {executor} job: {resources_text(job_resources(j, resources))}"
+                    + (f"; submitted once {after} {'is' if len(j.needs) == 1 else 'are'} done" if after else "; submitted at once"))
             log(papermill_command(j))
         return {}
-    return run_jobs(jobs, plan, profile, only, force, n_jobs, progress, log)
+    return run_jobs(jobs, plan, profile, only, force, n_jobs, progress, log, launcher)
+
+def _status(job_dir) -> tuple:
+    "`job_status`, naming the submitit job of a started entry."
+    st, detail = job_status(job_dir)
+    rec = job_record_path(job_dir)
+    if st == "started" and rec.is_file():
+        try: r = json.loads(rec.read_text())
+        except (OSError, ValueError): return st, detail
+        detail = (f"submitted as {r.get('executor')} job {r.get('job_id')} on {r.get('submitted')} (queued, running or "
+                  f"interrupted: rerun the same command to wait for it or resume it; log: {r.get('folder')}/{r.get('job_id')}_0_log.out)")
+    return st, detail
 
 def plan_status(name, out="results") -> list:
-    "[(folder name, status, detail)] of every run folder of plan `name` under `out`."
+    "[(folder name, status, detail)] of every run folder of plan `name` under `out` (whichever executor ran them)."
     plan = load_plan(name)
-    return [(r["dir"].name if ":" not in r["entry"] else f"{r['entry'].rsplit(':', 1)[0]}:{r['dir'].name}", *job_status(r["dir"]))
+    return [(r["dir"].name if ":" not in r["entry"] else f"{r['entry'].rsplit(':', 1)[0]}:{r['dir'].name}", *_status(r["dir"]))
             for r in plan_runs(plan, out)]
 
 def report_plan(name, out="results", progress:bool=True) -> Path:

@@ -171,3 +171,60 @@ def test_parallel_entries_share_the_cores():
     assert _threads(1) == {}                                                    # one entry: torch's default
     assert _threads(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     assert _threads(cores * 4)["OMP_NUM_THREADS"] == "1"
+
+
+# --- executors: the same plan through submitit's LocalExecutor (real subprocesses, the path `--executor slurm` takes) ---
+
+def _same(x, y, out_x, out_y, where=""):
+    "Differences between two metrics.json trees (run folders' own paths and timings aside)."
+    if isinstance(x, dict) and isinstance(y, dict):
+        if set(x) != set(y): return [f"{where}: keys {sorted(set(x) ^ set(y))}"]
+        return [d for k in x if not any(t in k for t in ("time", "second", "sec_", "per_s", "_s", "wall", "date", "memory"))
+                for d in _same(x[k], y[k], out_x, out_y, f"{where}.{k}")]
+    if isinstance(x, list) and isinstance(y, list):
+        if len(x) != len(y): return [f"{where}: length {len(x)} != {len(y)}"]
+        return [d for i, (a, b) in enumerate(zip(x, y)) for d in _same(a, b, out_x, out_y, f"{where}[{i}]")]
+    if isinstance(x, str) and isinstance(y, str): x, y = x.replace(str(out_x), "<out>"), y.replace(str(out_y), "<out>")
+    return [] if x == y else [f"{where}: {x!r} != {y!r}"]
+
+
+@pytest.fixture(scope="module")
+def ran_submitit(ran, tmp_path_factory):
+    "Two entries of the tiny plan run again through `--executor submitit-local`: `bad` (fails) and `a`, whose stage 1 it needs."
+    pytest.importorskip("submitit")
+    plan = ran[0]
+    out = tmp_path_factory.mktemp("plan_submitit") / "results"
+    res = run_plan(plan, "synthetic", out=out, progress=False, log=lambda *a: None, executor="submitit-local", n_jobs=2, poll_s=0.2,
+                   only=["bad"])
+    return plan, out, res
+
+
+def test_submitit_local_ends_as_the_local_executor(ran, ran_submitit):
+    plan, out_l, res_l = ran
+    _, out_s, res_s = ran_submitit
+    assert {k: v[0] for k, v in res_s.items()} == {k: res_l[k][0] for k in ("a-s0", "bad-s0")}   # bad-s0 failed, a-s0 done
+    for e in ("a-s0", "bad-s0"):
+        dl, ds = out_l / "tiny" / e, out_s / "tiny" / e
+        assert sorted(p.name for p in ds.iterdir()) == sorted(p.name for p in dl.iterdir()), e
+        if e == "bad-s0":
+            assert (ds / "error.txt").read_text().splitlines()[0] == (dl / "error.txt").read_text().splitlines()[0]
+            continue
+        ml, ms = (json.loads((d / "metrics.json").read_text()) for d in (dl, ds))
+        assert not _same(ml, ms, out_l.resolve(), out_s.resolve()), _same(ml, ms, out_l.resolve(), out_s.resolve())[:5]
+    status_l = {r[0]: r[1] for r in plan_status(plan, out_l)}
+    assert {r[0]: r[1] for r in plan_status(plan, out_s) if r[0] in ("a-s0", "bad-s0")} == {e: status_l[e] for e in ("a-s0", "bad-s0")}
+
+
+def test_submitit_local_waits_for_dependencies_and_records_its_jobs(ran_submitit):
+    plan, out, _ = ran_submitit
+    d = out / "tiny"
+    started = lambda e: (d / e / "entry.json").stat().st_mtime
+    finished = lambda e: (d / e / "metrics.json").stat().st_mtime
+    assert started("bad-s0") >= finished("a-s0")                                    # it needs a's stage 1
+    for e in ("a-s0", "bad-s0"):
+        rec = json.loads((d / "slurm" / "jobs" / f"{e}.json").read_text())
+        assert rec["executor"] == "submitit-local" and rec["entry"] == str(d / e)
+        assert (d / "slurm" / f"{rec['job_id']}_0_log.out").is_file()                       # submitit's log, beside the entries
+        assert "exit status" in (d / "slurm" / f"{rec['job_id']}_0_log.out").read_text()
+    res = run_plan(plan, "synthetic", out=out, progress=False, log=lambda *a: None, executor="submitit-local", only=["a"], poll_s=0.2)
+    assert {k: v[1] for k, v in res.items()} == {"a-s0": "already complete"}
