@@ -20,8 +20,8 @@ from .rerank import gallery_similarity_fast, gallery_similarity_reference, reran
 from .generator import Stage2Generator
 
 # %% auto #0
-__all__ = ['MSRVTT_TOKEN_LENGTHS', 'SWEEPS', 'random_gallery', 'measure', 'matmul_gflops', 'literal_flops', 'bench_rerank',
-           'summary', 'bench_parser', 'bench_main']
+__all__ = ['MSRVTT_TOKEN_LENGTHS', 'TARGETS', 'SWEEPS', 'random_gallery', 'measure', 'matmul_gflops', 'literal_flops',
+           'bench_rerank', 'ratios', 'summary', 'bench_parser', 'bench_main']
 
 # %% ../nbs/55_bench.ipynb #39b1b860
 MSRVTT_TOKEN_LENGTHS = {5: 3, 6: 54, 7: 72, 8: 127, 9: 99, 10: 114, 11: 104, 12: 81, 13: 76, 14: 67, 15: 51, 16: 34,
@@ -169,13 +169,49 @@ def _fmt(r:dict) -> str:
     rss = f"{r['rss_mb']:>7.0f}" if "rss_mb" in r else " " * 7
     return f"{r['gallery']:>7} {r['steps']:>5} {r['direction']:>10} {r['impl']:>9} {r['seconds']:>9.3f} {r['peak_mb']:>8.1f} {rss}  " + "; ".join(notes)
 
+TARGETS = {"steps": ("≤", 3.0), "rerank_speedup": ("≥", 20.0), "similarity_speedup": ("≥", 10.0), "similarity_peak": ("≤", 2.0)}
+
+def _find(recs, impl, direction, gallery, steps=None):
+    return next((r for r in recs if r["impl"] == impl and r["direction"] == direction and r["gallery"] == gallery
+                 and (steps is None or r["steps"] == steps)), None)
+
+def ratios(recs:list) -> list:
+    "The ratios the speed targets are about (`TARGETS`), from one run's records: [{name, what, gallery, steps, value, target, meets}]."
+    out = []
+    def add(name, what, gallery, steps, value):
+        op, t = TARGETS[name]
+        out.append(dict(name=name, what=what, gallery=gallery, steps=steps, value=round(value, 2), target=f"{op} {t:g}",
+                        meets=bool(value <= t if op == "≤" else value >= t)))
+    for d in ("t2v", "v2t"):                                       # most steps / 1 step, per gallery
+        for n in sorted({r["gallery"] for r in recs if r["direction"] == d and r["impl"] == "fast"}):
+            by = {r["steps"]: r["seconds"] for r in recs if r["direction"] == d and r["impl"] == "fast" and r["gallery"] == n}
+            if 1 in by and max(by) > 1:
+                add("steps", f"{d}: {max(by)} steps / 1 step", n, max(by), by[max(by)] / by[1])
+    for sim_ref in (r for r in recs if r["direction"] == "similarity" and r["impl"] == "reference"):
+        n, sim_fast = sim_ref["gallery"], _find(recs, "fast", "similarity", sim_ref["gallery"])
+        if sim_fast is None: continue
+        add("similarity_speedup", "stage-1 similarity: reference / fast seconds", n, 0, sim_ref["seconds"] / sim_fast["seconds"])
+        add("similarity_peak", "stage-1 similarity: fast / reference added peak MB", n, 0,
+            sim_fast["peak_mb"] / max(sim_ref["peak_mb"], 0.1))
+    for n, s in sorted({(r["gallery"], r["steps"]) for r in recs if r["impl"] == "reference" and r["direction"] in ("t2v", "v2t")}):
+        parts = [(_find(recs, "reference", d, n, st), _find(recs, "fast", d, n, st))
+                 for d, st in (("similarity", 0), ("t2v", s), ("v2t", s))]
+        if all(r is not None and f is not None for r, f in parts):   # similarity + both directions re-ranked
+            add("rerank_speedup", f"re-ranked similarity (stage 1 + T2V + V2T, {s} steps): reference / fast seconds", n, s,
+                sum(r["seconds"] for r, _ in parts) / sum(f["seconds"] for _, f in parts))
+    return out
+
 def summary(recs:list) -> str:
-    "Speed-ups of the fast forms over the reference forms measured in the same run."
+    "Speed-ups of the fast forms over the reference forms measured in the same run, and the target ratios (`ratios`)."
     lines = []
     for ref in (r for r in recs if r["impl"] == "reference"):
         fast = next((r for r in recs if r["impl"] == "fast" and all(r[k] == ref[k] for k in ("gallery", "steps", "direction"))), None)
         if fast: lines.append(f"{ref['direction']} (gallery {ref['gallery']}, {ref['steps']} steps): reference {ref['seconds']:.2f} s, "
-                              f"fast {fast['seconds']:.2f} s, {ref['seconds'] / fast['seconds']:.1f}× faster")
+                              f"fast {fast['seconds']:.2f} s, {ref['seconds'] / fast['seconds']:.1f}× faster; added peak "
+                              f"{ref['peak_mb']:.0f} / {fast['peak_mb']:.0f} MB")
+    rs = ratios(recs)
+    if rs: lines += ["", "target ratios (one run):"] + [
+        f"  {r['what']} (gallery {r['gallery']}): {r['value']:.2f}, target {r['target']}: {'meets' if r['meets'] else 'MISSES'}" for r in rs]
     return "\n".join(lines)
 
 # %% ../nbs/55_bench.ipynb #37e4d0ae
@@ -228,5 +264,8 @@ def bench_main(argv=None) -> int:
         print(f"diffret: error: {e}", file=sys.stderr); return 2
     s = summary(recs)
     if s: print("\n" + s)
-    if a.out: print(f"records: {a.out}")
+    if a.out:
+        rpath = Path(a.out).with_suffix(".ratios.json")
+        atomic_write_json(rpath, ratios(recs))
+        print(f"records: {a.out}; target ratios: {rpath}")
     return 0

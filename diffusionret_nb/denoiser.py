@@ -107,20 +107,26 @@ class _FastMixin:
         if "step" not in terms: return cache["l0"] + self._step_logits(cache, terms) + x_k
         if "lg" not in cache:   # first step of a sampler run: the step parts of all its steps in one product (S, B, N)
             st, (B, N) = terms["all"], cache["l0"].shape
-            cache["lg"] = self._all_step_logits(cache, st).view(-1, B, N)
-        return cache["l0"] + cache["lg"][terms["step"]] + x_k
+            cache["lg"] = self._all_step_logits(cache, st).view(-1, B, N).add_(cache["l0"])   # l0 + step part, every step
+        return cache["lg"][terms["step"]] + x_k
 
     def _finish(self, cache:dict, logits:torch.Tensor, cand:torch.Tensor, terms:dict) -> torch.Tensor:
         a = torch.softmax(logits, dim=-1)                                         # Eq. 6 attention (B, N)
-        m = torch.bmm(a[:, None, :], cand).squeeze(1)                             # Σ_n a_n cand_n (B, D)
-        if "Mz" in terms: z = torch.addmm(terms["zeta"], m, terms["Mz"].T)        # W_1h h (B, 2D)
-        else: z = ((m @ self.w_v.weight.T) @ self.w_o.weight.T) @ self._w1()[0].T + terms["zeta"]
+        if "C" in cache:                                                          # projected candidates: Σ_n a_n M_z cand_n
+            z = torch.bmm(a[:, None, :], cache["C"]).squeeze(1).add_(terms["zeta"])   # W_1h h (B, 2D)
+        else:
+            m = torch.bmm(a[:, None, :], cand).squeeze(1)                         # Σ_n a_n cand_n (B, D)
+            if "Mz" in terms: z = torch.addmm(terms["zeta"], m, terms["Mz"].T)    # W_1h h (B, 2D)
+            else: z = ((m @ self.w_v.weight.T) @ self.w_o.weight.T) @ self._w1()[0].T + terms["zeta"]
         w2 = self.decoder[2]
         if torch.is_grad_enabled():
             return torch.relu(cache["P"] + z[:, None, :]) @ w2.weight[0] + w2.bias + a      # x̂0 (B, N)
-        buf = cache.setdefault("buf", torch.empty_like(cache["P"]))              # inference: one buffer, in place
-        torch.add(cache["P"], z[:, None, :], out=buf).relu_()
-        return torch.addmv(a.reshape(-1) + w2.bias, buf.view(-1, buf.shape[-1]), w2.weight[0]).view_as(a)
+        buf = cache.get("buf")
+        if buf is None: buf = cache["buf"] = torch.empty_like(cache["P"])       # inference: one buffer per chunk, reused
+        # relu(P_n + z) = max(P_n, −z) + z: one pass writes the buffer, and w2·z is a (B,) term added once per query
+        torch.maximum(cache["P"], z.neg()[:, None, :], out=buf)
+        base = torch.addmv(w2.bias, z, w2.weight[0])                              # w2·z + b2 (B,)
+        return torch.addmv((a + base[:, None]).reshape(-1), buf.view(-1, buf.shape[-1]), w2.weight[0]).view_as(a)
 
 # %% ../nbs/21_denoiser.ipynb #68cdf63d
 class T2VDenoiser(_FastMixin, QueryCandidateDenoiser):
@@ -136,10 +142,12 @@ class T2VDenoiser(_FastMixin, QueryCandidateDenoiser):
         h = self.w_o(torch.einsum("bn,bnd->bd", a, u))                            # E_t (B, D)
         return self.decode(h, v, a)
 
-    def prepare_bank(self, frames, frame_mask) -> dict:
-        "Per-video work: the frames, their mask and the per-frame decoder table W_1c f (G, T, 2D)."
+    def prepare_bank(self, frames, frame_mask, sampling:bool=False) -> dict:
+        "Per-video work: frames, mask, the per-frame decoder table W_1c f (G, T, 2D) and, for `sampling`, M_z f (G, T, 2D)."
         _, W1c = self._w1()
-        return dict(frames=frames, mask=frame_mask, FP=frames @ W1c.T)
+        bank = dict(frames=frames, mask=frame_mask, FP=frames @ W1c.T)
+        if sampling: bank["FC"] = frames @ self.fold().T                          # projected frames, for C_n
+        return bank
 
     def prepare(self, c, bank:dict, idx) -> dict:
         "Per-query work: pooled v_n, the decoder's candidate part P_n and the step-independent logits."
@@ -153,7 +161,9 @@ class T2VDenoiser(_FastMixin, QueryCandidateDenoiser):
         v = _bag(frames, idx, w)                                                  # v_n (B, N, D)
         P = _bag(bank["FP"], idx, w) + self.decoder[0].bias                       # W_1c v_n + b_1 (B, N, 2D)
         r = (c @ self.w_q.weight.T) @ self.w_k.weight                             # W_kᵀ W_q c (B, D)
-        return dict(v=v, P=P, l0=_dot(v, r))
+        cache = dict(v=v, P=P, l0=_dot(v, r))
+        if "FC" in bank: cache["C"] = _bag(bank["FC"], idx, w)                   # C_n = M_z v_n (B, N, 2D)
+        return cache
 
     def denoise(self, cache:dict, x_k, k=None, terms:dict=None) -> torch.Tensor:
         "x̂0 (B, N) from prepared queries, x_k (B, N) and timesteps k (int or (B,)), or precomputed `terms`."
@@ -181,17 +191,21 @@ class V2TDenoiser(_FastMixin, QueryCandidateDenoiser):
         h = self.w_o(torch.einsum("bn,bnd->bd", a, u))
         return self.decode(h, sn, a)
 
-    def prepare_bank(self, s) -> dict:
-        "Per-text work: s, the decoder table W_1c s + b_1 and W_q^T W_k s (for the step-independent logits)."
+    def prepare_bank(self, s, sampling:bool=False) -> dict:
+        "Per-text work: s, the decoder table W_1c s + b_1, W_q^T W_k s (step-independent logits) and, for `sampling`, M_z s."
         _, W1c = self._w1()
-        return dict(s=s, P=s @ W1c.T + self.decoder[0].bias, Q=(s @ self.w_k.weight.T) @ self.w_q.weight)
+        bank = dict(s=s, P=s @ W1c.T + self.decoder[0].bias, Q=(s @ self.w_k.weight.T) @ self.w_q.weight)
+        if sampling: bank["C"] = s @ self.fold().T                                # projected texts (G, 2D)
+        return bank
 
     def prepare(self, frames, frame_mask, bank:dict, idx) -> dict:
         "Per-query work: candidate texts, pooled v_n, P_n and the step-independent logits ⟨W_q v_n, W_k s_n⟩."
         sn = _take(bank["s"], idx)                                                # (B, N, D)
         w = self.pool_weights(torch.bmm(sn, frames.transpose(1, 2)), frame_mask[:, None, :])
         v = torch.bmm(w, frames)                                                  # v_n (B, N, D)
-        return dict(s=sn, v=v, P=_take(bank["P"], idx), l0=(v * _take(bank["Q"], idx)).sum(-1))
+        cache = dict(s=sn, v=v, P=_take(bank["P"], idx), l0=(v * _take(bank["Q"], idx)).sum(-1))
+        if "C" in bank: cache["C"] = _take(bank["C"], idx)                        # C_n = M_z s_n (B, N, 2D)
+        return cache
 
     def denoise(self, cache:dict, x_k, k=None, terms:dict=None) -> torch.Tensor:
         "x̂0 (B, N) from prepared queries, x_k (B, N) and timesteps k, or precomputed `terms`."

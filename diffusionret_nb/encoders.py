@@ -16,7 +16,8 @@ from torch import nn
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['TEMPORAL_LN_EPS', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'gallery_similarity_fast']
+__all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'similarity_blocks',
+           'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
 TEMPORAL_LN_EPS = 1e-12   # the reference's TF-style LayerNorm in the temporal blocks (CLIP's own: 1e-5)
@@ -108,26 +109,46 @@ def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor) -> dict:
     logits[valid] = mlp(feats[valid]).squeeze(-1)
     return dict(feat=F.normalize(feats, dim=-1) * valid[..., None], weight=torch.softmax(logits, -1), length=valid.sum(1))
 
+SIM_MEM_MB = 4    # default working memory of one block of cosines, in MiB
+
+def similarity_blocks(lengths:torch.Tensor, n_frames:int, block_v:int, mem_mb:float=SIM_MEM_MB) -> list:
+    "Blocks of text rows (indices, longest first) whose (Σ length) × (n_frames·block_v) cosine block fits in `mem_mb` MiB."
+    order = torch.argsort(lengths, descending=True, stable=True)
+    L = lengths[order].clamp_min(1).tolist()
+    budget = max(int(mem_mb * 2**20 / 4 / (n_frames * block_v)), 1)            # word rows per block
+    blocks, i = [], 0
+    while i < len(L):
+        bt = max(budget // L[i], 1)                                               # the first text of a block is its longest
+        blocks.append(order[i:i + bt]); i += bt
+    return blocks
+
 @torch.no_grad()
-def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=64, block_v:int=256, device="cpu") -> torch.Tensor:
+def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None, block_v:int=256, device="cpu",
+                            mem_mb:float=SIM_MEM_MB) -> torch.Tensor:
     "Token-weighted similarity (N_text, N_video) of encoded texts and videos, equal to `TokenWeightedSimilarity`."
-    t = _prepare(sim_module.text_weight_fc, text["words"].to(device).float(), text["mask"].to(device))
-    v = _prepare(sim_module.video_weight_fc, video["frames"].to(device).float(), video["mask"].to(device))
-    (nt, L, D), (nv, T, _) = t["feat"].shape, v["feat"].shape
-    padded = t["length"] < L                                                      # texts whose max over words meets a 0
-    vblocks = [(j, v["feat"][j:j + block_v].transpose(0, 1).reshape(-1, D), v["weight"][j:j + block_v].T[None])
-               for j in range(0, nv, block_v)]                                    # frame-major (T·bv, D), weights (1, T, bv)
-    order = torch.argsort(t["length"], descending=True, stable=True)
+    nv, T, D = video["frames"].shape
+    vblocks = []
+    for j in range(0, nv, block_v):                                               # videos prepared block by block
+        v = _prepare(sim_module.video_weight_fc, video["frames"][j:j + block_v].to(device).float(), video["mask"][j:j + block_v].to(device))
+        vblocks.append((j, v["feat"].transpose(0, 1).reshape(-1, D), v["weight"].T[None]))   # frame-major (T·bv, D), weights (1, T, bv)
+    del v
+    words, wmask = text["words"], text["mask"]
+    nt, L = wmask.shape
+    lengths = wmask.bool().sum(1)
+    if block_t is None: blocks = similarity_blocks(lengths, T, min(block_v, nv), mem_mb)
+    else: blocks = list(torch.argsort(lengths, descending=True, stable=True).split(block_t))
     out = torch.empty(nt, nv, device=device)
-    for i in range(0, nt, block_t):
-        rows = order[i:i + block_t]; bt = len(rows)
-        Lb = max(int(t["length"][rows].max()), 1)
-        tf, tw, pad = t["feat"][rows, :Lb].reshape(-1, D), t["weight"][rows, :Lb], padded[rows][:, None, None]
+    for rows in blocks:                                                           # texts prepared block by block
+        bt, Lb = len(rows), max(int(lengths[rows].max()), 1)
+        t = _prepare(sim_module.text_weight_fc, words[rows, :Lb].to(device).float(), wmask[rows, :Lb].to(device))
+        tf, tw, pad = t["feat"].reshape(-1, D), t["weight"], (lengths[rows] < L).to(device)[:, None, None]
+        rows = rows.to(device)
         for j, vf, vw in vblocks:
             bv = vf.shape[0] // T
             a = (tf @ vf.T)                                                       # (bt·Lb, T·bv) cosines
             w_max = a.view(bt * Lb, T, bv).amax(1).view(bt, Lb, bv)              # max over frames, per word
             f_max = a.view(bt, Lb, T * bv).amax(1).view(bt, T, bv)               # max over words, per frame
+            del a
             f_max = torch.where(pad, f_max.clamp_min(0), f_max)
             t2v = torch.bmm(tw[:, None, :], w_max).squeeze(1)                     # Σ_i g_t[i] max_j a[i, j]
             v2t = (f_max * vw).sum(1)                                             # Σ_j g_v[j] max_i a[i, j]

@@ -83,12 +83,12 @@ def _direction(gen, d:str, eot, frames, fmask, idx, reference:bool, rows=None):
     if d == "t2v":
         den = gen.t2v
         q = eot if rows is None else eot[rows]
-        bank = None if reference else den.prepare_bank(frames, fmask)
+        bank = None if reference else den.prepare_bank(frames, fmask, sampling=True)
         return (den, lambda sl: den.prepare(q[sl], bank, idx[sl]),
                 lambda sl, x, t: den.forward_reference(q[sl], frames, fmask, idx[sl], x, t))
     den = gen.v2t
     qf, qm = (frames, fmask) if rows is None else (frames[rows], fmask[rows])
-    bank = None if reference else den.prepare_bank(eot)
+    bank = None if reference else den.prepare_bank(eot, sampling=True)
     return (den, lambda sl: den.prepare(qf[sl], qm[sl], bank, idx[sl]),
             lambda sl, x, t: den.forward_reference(qf[sl], qm[sl], eot, idx[sl], x, t))
 

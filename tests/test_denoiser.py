@@ -74,6 +74,25 @@ def test_sampling_terms_path_equals_literal():
             torch.testing.assert_close(v2t.denoise(cv, xk, terms=tv), v2t.forward_reference(qf, qm, s, idx, xk, t), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("N", [6, 9])      # candidates: part of the bank, or all of it
+def test_projected_candidates_path_equals_literal(renorm, N):
+    "Sampling banks: C_n = M_z cand_n computed once per chunk; every step's x̂0 as the literal form's, both directions."
+    torch.manual_seed(6)
+    c, frames, fm, s, qf, qm, idx, xk, _ = _inputs(N=N)
+    ts = [49, 31, 7, 0]
+    with torch.no_grad():
+        t2v, v2t = T2VDenoiser(D, renorm=renorm, tau=0.7), V2TDenoiser(D, renorm=renorm, tau=0.7)
+        ct, cv = t2v.prepare(c, t2v.prepare_bank(frames, fm, sampling=True), idx), v2t.prepare(qf, qm, v2t.prepare_bank(s, sampling=True), idx)
+        torch.testing.assert_close(ct["C"], ct["v"] @ t2v.fold().T, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(cv["C"], s[idx] @ v2t.fold().T, rtol=1e-4, atol=1e-6)
+        assert "C" not in t2v.prepare(c, t2v.prepare_bank(frames, fm), idx)        # training banks keep the (B, D) form
+        for t, tt, tv in zip(ts, t2v.sampling_terms(ts), v2t.sampling_terms(ts)):
+            x = xk * (1 + t / 10)                                                 # a different x_k at each step
+            torch.testing.assert_close(t2v.denoise(ct, x, terms=tt), t2v.forward_reference(c, frames, fm, idx, x, t), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(v2t.denoise(cv, x, terms=tv), v2t.forward_reference(qf, qm, s, idx, x, t), rtol=1e-4, atol=1e-5)
+
+
 def test_gathered_path_for_large_banks():
     "A bank much larger than the candidates takes the gather branch of T2V pooling; same numbers."
     torch.manual_seed(3)

@@ -1,19 +1,21 @@
 """Re-ranking: the fast form against the straightforward reference (both directions, DDIM and DDPM, η,
 chunk sizes, one step), what changes in the matrix, determinism and seeds, the multi-caption protocol,
-bad input, the faster stage-1 similarity against the module's, and the benchmark command's records."""
+bad input, the faster stage-1 similarity against the module's (fixed blocks and blocks from a memory budget), the
+per-chunk precomputed sampling path against the literal denoiser at every step, and the benchmark command's records
+and target ratios."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from diffusionret_nb.bench import bench_main, bench_rerank, random_gallery
+from diffusionret_nb.bench import TARGETS, bench_main, bench_rerank, random_gallery, ratios
 from diffusionret_nb.core import DiffRetError
 from diffusionret_nb.config import build_config
-from diffusionret_nb.encoders import TokenWeightedSimilarity
+from diffusionret_nb.encoders import TokenWeightedSimilarity, similarity_blocks
 from diffusionret_nb.inference import Gallery
-from diffusionret_nb.rerank import (gallery_similarity_fast, gallery_similarity_reference, rerank, rerank_metrics, stage_metrics,
-                                    stage_rows)
+from diffusionret_nb.rerank import (_direction, _noise, _sample_direction, gallery_similarity_fast, gallery_similarity_reference,
+                                    rerank, rerank_metrics, stage_metrics, stage_rows)
 from diffusionret_nb.generator import Stage2Generator
 
 
@@ -148,6 +150,47 @@ def test_fast_similarity_equals_the_module(lengths):
     torch.testing.assert_close(gallery_similarity_reference(simmod, text, video, block=32), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mem_mb", [1e-9, 0.05, 4])
+def test_fast_similarity_blocks_from_a_memory_budget(mem_mb):
+    "Blocks chosen from a memory budget (one text per block, a few, all texts at once) give the module's numbers."
+    torch.manual_seed(5)
+    simmod = TokenWeightedSimilarity(D)
+    text, video = random_gallery(45, D, n_frames=6, n_words=16, seed=6)
+    video["mask"][2, 4:] = 0
+    ref = simmod(text["words"], text["mask"], video["frames"], video["mask"])
+    torch.testing.assert_close(gallery_similarity_fast(simmod, text, video, block_v=16, mem_mb=mem_mb), ref, rtol=1e-5, atol=1e-5)
+    lengths = text["mask"].sum(1)
+    blocks = similarity_blocks(lengths, 6, 16, mem_mb)
+    assert sorted(torch.cat(blocks).tolist()) == list(range(45))                  # every text exactly once
+    rows = int(mem_mb * 2**20 / 4 / (6 * 16))
+    assert all(len(b) == 1 or len(b) * int(lengths[b].max()) <= rows for b in blocks)   # within the budget, or a single text
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("direction", ["t2v", "v2t"])
+def test_precomputed_chunk_path_equals_recomputing_every_step(setup, sampler, eta, renorm, direction):
+    """x̂0 of every step when the step-independent parts (pooling, P_n, logits, projected candidates C_n) are
+    computed once per chunk, against the literal denoiser recomputing everything at every step."""
+    _, _, text, video, S = setup
+    torch.manual_seed(7)
+    gen = Stage2Generator(D, num_steps=20, renorm=renorm).eval()
+    smp = gen.diffusion.sampler(sampler, **(dict(eta=eta) if sampler == "ddim" else {})).set_timesteps(20)
+    s = S if direction == "t2v" else S.t()
+    idx = s.topk(8, dim=1).indices
+    x_start, z = _noise(3, 0 if direction == "t2v" else 1, len(s), 8, 20, sampler == "ddpm")
+    eot, frames, fmask = text["eot"].float(), video["frames"].float(), video["mask"]
+    x0 = {}
+    for reference in (False, True):
+        den, prep, ref = _direction(gen, direction, eot, frames, fmask, idx, reference)
+        rec = torch.empty(len(s), 20, 8)
+        def record(sl, si, o): rec[sl, si] = o.pred_original_sample
+        with torch.no_grad(): _sample_direction(den, smp, len(s), prep, ref, x_start, z, 7, reference, on_step=record)
+        x0[reference] = rec
+    torch.testing.assert_close(x0[False], x0[True], rtol=1e-4, atol=1e-5)
+    assert x0[False].std() > 0.01                                                 # a non-trivial x̂0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(setup):
     gen, simmod, text, video, S = setup
@@ -166,9 +209,25 @@ def test_bench_records(tmp_path):
     assert {(r["direction"], r["impl"]) for r in recs} >= {("t2v", "fast"), ("t2v", "reference"), ("v2t", "reference"),
                                                            ("similarity", "reference"), ("train_step", "reference"), ("matmul", "fast")}
     assert all(r["max_abs_diff"] < 1e-4 for r in recs if "max_abs_diff" in r)
+    rs = ratios(recs)
+    assert {r["name"] for r in rs} == set(TARGETS)
+    sec = {(r["direction"], r["impl"], r["steps"]): r for r in recs}
+    steps = {r["what"].split(":")[0]: r["value"] for r in rs if r["name"] == "steps"}
+    for d in ("t2v", "v2t"):
+        assert steps[d] == pytest.approx(sec[(d, "fast", 2)]["seconds"] / sec[(d, "fast", 1)]["seconds"], rel=0.02)
+    peak = next(r for r in rs if r["name"] == "similarity_peak")
+    assert peak["value"] == pytest.approx(sec[("similarity", "fast", 0)]["peak_mb"] / max(sec[("similarity", "reference", 0)]["peak_mb"], 0.1),
+                                          rel=0.02, abs=0.01)
+    assert all(r["meets"] == (r["value"] <= float(r["target"][2:]) if r["target"][0] == "≤" else r["value"] >= float(r["target"][2:]))
+               for r in rs)
     out = tmp_path / "b.json"
     assert bench_main(["rerank", "--gallery", "40", "--steps", "1", "--topk", "4", "--no-reference", "--no-train-step",
                        "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {(r["gallery"], r["steps"], r["direction"]) for r in data} >= {(40, 1, "t2v"), (40, 1, "v2t"), (40, 0, "similarity")}
+    assert json.loads((tmp_path / "b.ratios.json").read_text()) == []              # one step, no reference: nothing to compare
+    out2 = tmp_path / "c.json"
+    assert bench_main(["rerank", "--gallery", "40", "--steps", "1,2", "--topk", "4", "--no-train-step", "--sweep", "full",
+                       "--ref-gallery", "40", "--ref-steps", "2", "--out", str(out2)]) == 0
+    assert {r["name"] for r in json.loads((tmp_path / "c.ratios.json").read_text())} == set(TARGETS)
     assert bench_main(["rerank", "--gallery", "abc"]) == 2
