@@ -105,9 +105,11 @@ class _FastMixin:
     def _logits(self, cache:dict, x_k, terms:dict) -> torch.Tensor:
         "Attention logits (B, N): step-independent part + step part + x_k."
         if "step" not in terms: return cache["l0"] + self._step_logits(cache, terms) + x_k
-        if "lg" not in cache:   # first step of a sampler run: the step parts of all its steps in one product (S, B, N)
-            st, (B, N) = terms["all"], cache["l0"].shape
+        st = terms["all"]
+        if cache.get("lg_of") is not st:   # first step of a sampler run: the step parts of all its steps in one product (S, B, N)
+            B, N = cache["l0"].shape        # (kept with the run's step terms: a cache reused by another run recomputes them)
             cache["lg"] = self._all_step_logits(cache, st).view(-1, B, N).add_(cache["l0"])   # l0 + step part, every step
+            cache["lg_of"] = st
         return cache["lg"][terms["step"]] + x_k
 
     def _finish(self, cache:dict, logits:torch.Tensor, cand:torch.Tensor, terms:dict) -> torch.Tensor:

@@ -74,6 +74,19 @@ def test_sampling_terms_path_equals_literal():
             torch.testing.assert_close(v2t.denoise(cv, xk, terms=tv), v2t.forward_reference(qf, qm, s, idx, xk, t), rtol=1e-4, atol=1e-5)
 
 
+def test_prepared_cache_reused_by_another_sampler_run():
+    "A chunk's cache holds every step's logits of one sampler run; another run's timesteps on the same cache recompute them."
+    torch.manual_seed(3)
+    c, frames, fm, s, qf, qm, idx, xk, _ = _inputs()
+    with torch.no_grad():
+        t2v = T2VDenoiser(D)
+        ct = t2v.prepare(c, t2v.prepare_bank(frames, fm), idx)
+        for ts in ([40, 20], [7, 1]):                                            # the second run's steps differ
+            for t, tt in zip(ts, t2v.sampling_terms(ts)):
+                torch.testing.assert_close(t2v.denoise(ct, xk, terms=tt), t2v.forward_reference(c, frames, fm, idx, xk, t),
+                                           rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("renorm", [False, True])
 @pytest.mark.parametrize("N", [6, 9])      # candidates: part of the bank, or all of it
 def test_projected_candidates_path_equals_literal(renorm, N):
