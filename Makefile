@@ -32,8 +32,10 @@ lint: setup
 nbdev-test: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
+## test files run on TEST_WORKERS processes (pytest-xdist, one file per worker at a time), each with one torch thread
+TEST_WORKERS ?= 2
 pytest: setup
-	$(BIN)/python -m pytest tests -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 lab: setup
 	$(BIN)/jupyter lab nbs
