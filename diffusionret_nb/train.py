@@ -53,12 +53,12 @@ def train_rank(params:dict, out="results/train", name:str=None, force:bool=False
     try:
         decision = None
         if env.main:
-            try: check_records(cfg); decision = ("ok", *map(str, prepare_run_dir(cfg, out, name, force)))
-            except DiffRetError as e: decision = ("error", type(e).__name__, str(e))
+            try: check_records(cfg); decision = prepare_run_dir(cfg, out, name, force)      # (run folder, finished?)
+            except DiffRetError as e: decision = e
         decision = broadcast_object(decision)
-        if decision[0] == "error":
-            raise DiffRetError(decision[2] if env.main else f"rank 0 stopped the run: {decision[2]}")
-        run_dir, done = Path(decision[1]), decision[2] == "True"
+        if isinstance(decision, DiffRetError):
+            raise DiffRetError(str(decision) if env.main else f"rank 0 stopped the run: {decision}")
+        run_dir, done = decision
         if done: return run_dir
         if not env.main: check_records(cfg)                        # the world rank 0 rendered: read, not written
         barrier()
