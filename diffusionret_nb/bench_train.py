@@ -22,19 +22,19 @@ from .benchmarks import load_records
 from .clip import tokenize
 from .config import build_config, load_preset
 from .core import ConfigError, DiffRetError, atomic_write_json, resolve_device
-from .datasets import FrameSource, VideoTextDataset, collate
-from .learner import DeviceCB, EpochBatchSampler, Learner, MixedPrecisionCB, make_optimizer, resolve_precision
+from .datasets import FrameSource, usable_cores
+from .learner import DeviceCB, Learner, MixedPrecisionCB, make_optimizer, resolve_precision
 from .models import param_groups
 from .prepare import prepare, run_config
 from .registry import ARCHS, create_model, model_dim
 from .synthetic import render_world
-from .training import generator_param_groups
+from .training import generator_param_groups, train_loader
 
 # %% auto #0
 __all__ = ['DTYPES', 'STAGE2', 'HEADER', 'count_flops', 'matmul_peak', 'mfu', 'stage1_batch', 'stage2_batch', 'step_learner',
            'run_step', 'bench_train', 'format_record', 'format_table', 'bench_train_parser', 'bench_train_main',
-           'usable_cores', 'train_data_loader', 'build_bench_cache', 'loader_clips_per_s', 'bench_loader',
-           'loader_verdict', 'bench_loader_parser', 'bench_loader_main']
+           'train_data_loader', 'build_bench_cache', 'loader_clips_per_s', 'bench_loader', 'loader_verdict',
+           'bench_loader_parser', 'bench_loader_main']
 
 # %% ../nbs/56_bench_train.ipynb #5b1e0c06
 def _sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int: return sdpa_flop_count(q, k, v)
@@ -250,23 +250,9 @@ def bench_train_main(argv=None) -> int:
     return _run_main(run)
 
 # %% ../nbs/56_bench_train.ipynb #5b1e0c30
-def usable_cores() -> int:
-    "CPU cores this process may run on."
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
-
-def _loader_kwargs(num_workers:int, device:torch.device) -> dict:
-    "The rule's DataLoader settings for an explicit worker count (one pass: no persistent workers)."
-    kw = dict(num_workers=num_workers, pin_memory=device.type == "cuda")
-    if num_workers > 0: kw["prefetch_factor"] = 4
-    return kw
-
 def train_data_loader(cfg, records:list, num_workers:int, device) -> DataLoader:
-    "`training.train_loader`'s DataLoader (pairs, resumable shuffled batches, collate) with the loader settings."
-    ds = VideoTextDataset(records, FrameSource.from_config(cfg, train=True), cfg.data.n_words, view="pairs", seed=cfg.train.seed)
-    bs = EpochBatchSampler(len(ds), cfg.train.batch_size, seed=cfg.train.seed, drop_last=True)
-    return DataLoader(ds, batch_sampler=bs, collate_fn=collate, generator=torch.Generator(),
-                      **_loader_kwargs(num_workers, torch.device(device)))
+    "`training.train_loader` (pairs, resumable shuffled batches, collate, `datasets.loader_settings`) with `num_workers` on `device`."
+    return train_loader(build_config(**{**cfg.flat(), "num_workers": num_workers, "device": str(device)}), records)
 
 def build_bench_cache(folder, preset:str="vitb32", n_frames:int=12, n_clips:int=16, size:int=None, workers:int=2):
     "Render a small synthetic world at the preset's image size into `folder` and prepare its frame cache; the run config."
