@@ -13,21 +13,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import PARAMS, build_config, check_value, load_paramset
+from .config import PARAMS, DataConfig, SyntheticConfig, build_config, check_value, load_paramset
 from .core import ConfigError, DiffRetError, atomic_write_json, atomic_write_text, ensure_writable
 from .pipeline import EVAL_OVERRIDABLE, absolute_paths, check_inputs, stage1_param_diff
 from .runner import check_records, template_path
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'RESOURCE_KEYS',
-           'EXECUTORS', 'DEFAULT_RESOURCES', 'PlanError', 'plans_dir', 'plan_names', 'plan_path', 'ResourceError',
-           'check_resources', 'default_resources', 'load_plan', 'Job', 'for_profile', 'plan_runs', 'plan_jobs',
-           'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs', 'LocalLauncher',
-           'entry_main', 'job_resources', 'resources_text', 'slurm_parameters', 'local_parameters', 'job_record_path',
-           'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan', 'plan_status', 'report_plan']
+           'EXECUTORS', 'DEFAULT_RESOURCES', 'TRAINED_DATA', 'PlanError', 'plans_dir', 'plan_names', 'plan_path',
+           'ResourceError', 'check_resources', 'default_resources', 'load_plan', 'Job', 'for_profile', 'plan_runs',
+           'plan_jobs', 'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs',
+           'LocalLauncher', 'entry_main', 'job_resources', 'resources_text', 'slurm_parameters', 'local_parameters',
+           'job_record_path', 'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan', 'plan_status',
+           'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -403,6 +404,8 @@ def _add_with_needs(job:Job, by:dict, plan_name:str, add):
     for d in job.needs: _add_with_needs(by[d], by, plan_name, add)
     add(job if ":" in job.label else Job(**{**job.__dict__, "label": f"{plan_name}:{job.label}"}))
 
+TRAINED_DATA = {f.name for f in fields(DataConfig)} | {f.name for f in fields(SyntheticConfig)}   # what a model was trained on
+
 def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variables:dict=None, _memo:dict=None) -> list:
     "The jobs of `plan` under `profile` with `overrides` (`-p`) on top, each after the jobs it needs (another plan's included)."
     plan = for_profile(plan, profile)
@@ -417,14 +420,7 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
         spec = plan["entries"][e]
         for s in _seeds(plan, e):
             where = f"plan {plan['name']}, profile {profile!r}, entry {e!r}"
-            p = {**plan["profiles"][profile]["params"], **spec["params"], **spec["profiles"].get(profile, {})}
-            if spec["template"] == "train_eval":
-                p = {**p, **({} if s is None else {"seed": s}), **overrides}
-            else:                                    # an evaluation sets only what an evaluation can change
-                p = {k: v for k, v in {**p, **overrides}.items() if k in EVAL_OVERRIDABLE}
-            p = {k: _fill(v, where, env) for k, v in p.items()}
-            p = {k: check_value(k, v) if isinstance(v, str) and k in PARAMS else v for k, v in p.items()}
-            needs = []
+            deps = {}
             for key, target in ((param, spec[k]) for k, param in DEP_PARAMS):
                 if not target: continue
                 op, te = _split(plan, target)
@@ -434,7 +430,19 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
                     dep = next((j for j in ojobs if j.entry == te and j.seed == _dep_seed(op, te, s)), None)
                     if dep is None: raise PlanError(f"{where} takes {key} from {target!r}, which does not run under profile {profile!r}")
                     _add_with_needs(dep, {j.key: j for j in ojobs}, op["name"], add)
-                p[key] = str(dep.dir); needs.append(dep.key)
+                deps[key] = dep
+            own = {**spec["params"], **spec["profiles"].get(profile, {})}
+            if spec["template"] == "train_eval":
+                p = {**plan["profiles"][profile]["params"], **own, **({} if s is None else {"seed": s}), **overrides}
+            else:                                    # an evaluation sets only what an evaluation can change,
+                trained = deps["checkpoint"]         # on the data its checkpoint was trained on unless the entry says otherwise
+                data = {k: v for k, v in trained.params.items() if k in TRAINED_DATA} if trained.template == "train_eval" else {}
+                p = {k: v for k, v in {**plan["profiles"][profile]["params"], **data, **own, **overrides}.items()
+                     if k in EVAL_OVERRIDABLE}
+            p = {k: _fill(v, where, env) for k, v in p.items()}
+            p = {k: check_value(k, v) if isinstance(v, str) and k in PARAMS else v for k, v in p.items()}
+            p.update({key: str(dep.dir) for key, dep in deps.items()})
+            needs = [dep.key for dep in deps.values()]
             res = {**default_resources(plan, profile, spec["template"]), **plan["profiles"][profile].get("resources", {}),
                    **spec.get("resources", {}).get("*", {}), **spec.get("resources", {}).get(profile, {})}
             job = Job(plan["name"], e, s, base / _folder(e, s), spec["template"], absolute_paths(p), needs, _folder(e, s), res)
