@@ -82,9 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     psub = pl.add_subparsers(dest="plan_cmd", required=True)
     ls = psub.add_parser("list", help="every plan: its tables, entries, profiles and expected wall time")
     ls.add_argument("--paper", help="only this paper's plans (diffusionret, dits)")
-    def plan_args(p, run:bool):
+    def plan_args(p, run:bool, report:bool=False):
         p.add_argument("plan", help="plan name, e.g. diffusionret/table3 (see `diffret plan list`), or a plan file")
         p.add_argument("--out", default="results", help="results folder: <out>/<plan>/<entry>/ and <out>/<plan>/report/ (default results)")
+        if report:
+            p.add_argument("--profile", default=None, help="whose cells to show: default the profile the runs used ('synthetic' "
+                           "when none has run)")
         if not run: return
         p.add_argument("--profile", default="synthetic", help="'synthetic' (the CPU analogue, default) or 'paper' (the published recipe)")
         p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
@@ -115,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     for n, h in (("run", "run every entry of a plan with papermill (resumable: finished entries are skipped)"),
                  ("status", "done / failed (with the error line) / not run, per entry"),
                  ("report", "execute the report notebook: the paper's tables beside ours, CSV, LaTeX, figures")):
-        plan_args(psub.add_parser(n, help=h), n == "run")
+        plan_args(psub.add_parser(n, help=h), n == "run", n == "report")
     plan_args(sub.add_parser("reproduce", help="run a plan, then its report (`plan run` + `plan report`)"), True)
     pp = sub.add_parser("params", help="list the parameters with their defaults and help, by section and arch")
     pp.add_argument("names", nargs="*", help="only these parameters")
@@ -218,7 +221,7 @@ def cmd_plan(args):
         print(f"{sum(r[1] == 'done' for r in rows)} of {len(rows)} done")
         return
     if sub == "report":
-        print(f"report: {plans.report_plan(args.plan, args.out)}/table.md"); return
+        print(f"report: {plans.report_plan(args.plan, args.out, profile=args.profile)}/table.md"); return
     t0 = time.time()
     res = plans.run_plan(args.plan, args.profile, parse_overrides(args.param), args.out, args.only, args.force, args.jobs,
                          args.dry_run, _vars(args.var), progress=not args.quiet, executor=args.executor, resources=plan_resources(args))
@@ -228,7 +231,7 @@ def cmd_plan(args):
     bad = [n for n, r in res.items() if r[0] not in ("done",)]
     print(f"{len(res) - len(bad)} of {len(res)} entries done in {(time.time() - t0) / 60:.1f} min"
           + (f"; not done: {', '.join(bad)} (`diffret plan status {args.plan}`; rerun the same command to retry them)" if bad else ""))
-    if sub == "reproduce": print(f"report: {plans.report_plan(args.plan, args.out)}/table.md")
+    if sub == "reproduce": print(f"report: {plans.report_plan(args.plan, args.out, profile=args.profile)}/table.md")
     if bad: raise RunFailed(f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of {args.plan} did not finish")
 
 def _needed_vars() -> set:

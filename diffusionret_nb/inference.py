@@ -27,6 +27,8 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 def _cat(outs:list) -> dict:
+    "Concatenate a list of feature dicts; a single one is returned as it is (no copy of a gallery's features)."
+    if len(outs) == 1: return outs[0]
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]} if outs else None
 
 @torch.no_grad()

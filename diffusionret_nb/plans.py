@@ -28,7 +28,7 @@ __all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_K
            'plan_jobs', 'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs',
            'LocalLauncher', 'entry_main', 'job_resources', 'resources_text', 'slurm_parameters', 'local_parameters',
            'job_record_path', 'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan', 'plan_status',
-           'report_plan']
+           'report_profile', 'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -831,19 +831,30 @@ def plan_status(name, out="results") -> list:
     return [(r["dir"].name if ":" not in r["entry"] else f"{r['entry'].rsplit(':', 1)[0]}:{r['dir'].name}", *_status(r["dir"]))
             for r in plan_runs(plan, out)]
 
-def report_plan(name, out="results", progress:bool=True) -> Path:
-    "Execute the report notebook of plan `name` into `<out>/<plan>/report/`; returns that folder."
+def report_profile(plan:dict, out="results", profile:str=None) -> str:
+    "The profile whose cells a report shows: `profile`, else the one the plan's runs under `out` used, else (none run yet) `synthetic`."
+    names = list(plan["profiles"])
+    if profile:
+        if profile not in names: raise PlanError(f"plan {plan['name']} has no profile {profile!r}; it has {', '.join(names)}")
+        return profile
+    used = sorted({p for r in plan_runs(plan, out) if (r["dir"] / "entry.json").is_file()
+                   for p in [json.loads((r["dir"] / "entry.json").read_text()).get("profile")] if p in names})
+    if len(used) > 1:
+        raise PlanError(f"the runs of {plan['name']} under {out} used the profiles {', '.join(used)}: say which to report "
+                        "(`diffret plan report --profile NAME`)")
+    return used[0] if used else ("synthetic" if "synthetic" in names else names[0])
+
+def report_plan(name, out="results", progress:bool=True, profile:str=None) -> Path:
+    "Execute the report notebook of plan `name` (the cells of `profile`, see `report_profile`) into `<out>/<plan>/report/`."
     import papermill as pm
     from diffusionret_nb.runner import _plain
     plan = load_plan(name)
+    profile = report_profile(plan, out, profile)
     rep = (Path(out) / plan["name"] / "report").resolve(); rep.mkdir(parents=True, exist_ok=True)
-    profiles = {json.loads((r["dir"] / "entry.json").read_text()).get("profile") for r in plan_runs(plan, out)
-                if (r["dir"] / "entry.json").is_file()}
     try:
         pm.execute_notebook(str(template_path("report")), str(rep / "report.ipynb"), cwd=str(rep), kernel_name="python3",
                             parameters=dict(plan=plan["name"] if Path(plan["path"]).is_relative_to(plans_dir()) else plan["path"],
-                                            out=str(Path(out).resolve()),
-                                            profile=" + ".join(sorted(p for p in profiles if p)) or "none run yet"),
+                                            out=str(Path(out).resolve()), profile=profile),
                             progress_bar=False, log_output=False)
     except pm.PapermillExecutionError as e:
         raise DiffRetError(f"the report of {plan['name']} failed: {e.ename}: {_plain(e.evalue)} (see {rep / 'report.ipynb'})") from None

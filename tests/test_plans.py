@@ -158,6 +158,18 @@ def test_the_report_renders_missing_cells_and_the_paper_labels(ran):
     assert (rep / "report.ipynb").is_file()
 
 
+def test_a_report_before_any_run_shows_the_profiles_cells(tmp_path):
+    # Table 2 names some cells' entries per profile (MSVD); with nothing run the report used to fail on them
+    rep = report_plan("diffusionret/table2", tmp_path)
+    md = (rep / "table.md").read_text()
+    assert "profile `synthetic`" in md and "0 of" in md
+    assert "dr-msvd-eval" in md and "dr-lsmdc" in md                          # the synthetic entries' commands
+    assert md.count("—") >= 9                                                 # 3 rows x 3 columns run here, none finished
+    rep = report_plan("diffusionret/table2", tmp_path / "paper", profile="paper")
+    md = (rep / "table.md").read_text()
+    assert "profile `paper`" in md and "`dr-msvd` not run yet" in md and "dr-msvd-eval" not in md
+
+
 def test_plan_runs_name_the_folders(tmp_path):
     p = load_plan(write_plan(tmp_path))
     assert [r["dir"].name for r in plan_runs(p, tmp_path)] == ["a-s0", "mse-s0", "bad-s0", "ev-s0"]
