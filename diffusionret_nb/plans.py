@@ -12,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -25,10 +27,10 @@ from .runner import check_records, template_path
 __all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_KEYS', 'BLOCKS', 'FIGURE_KINDS', 'RESOURCE_KEYS',
            'EXECUTORS', 'DEFAULT_RESOURCES', 'TRAINED_DATA', 'PlanError', 'plans_dir', 'plan_names', 'plan_path',
            'ResourceError', 'check_resources', 'default_resources', 'load_plan', 'Job', 'for_profile', 'plan_runs',
-           'plan_jobs', 'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'run_jobs',
-           'LocalLauncher', 'entry_main', 'job_resources', 'resources_text', 'slurm_parameters', 'local_parameters',
-           'job_record_path', 'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan', 'plan_status',
-           'report_profile', 'report_plan']
+           'plan_jobs', 'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'interruptible',
+           'run_jobs', 'LocalLauncher', 'entry_main', 'job_resources', 'resources_text', 'slurm_parameters',
+           'local_parameters', 'job_record_path', 'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan',
+           'plan_status', 'report_profile', 'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -542,6 +544,18 @@ def papermill_command(job:Job) -> str:
             f"-p extra_json {shlex.quote(json.dumps(job.params, sort_keys=True))}")
 
 # %% ../nbs/62_plans.ipynb #8b1d5f07
+@contextmanager
+def interruptible():
+    "Inside: SIGTERM (`kill`, a scheduler's stop) and a SIGINT the shell ignored (a command started with `&`) stop like Ctrl-C."
+    if threading.current_thread() is not threading.main_thread(): yield; return   # signals reach the main thread only
+    def stop(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, stop)
+    if old[signal.SIGINT] == signal.SIG_IGN: signal.signal(signal.SIGINT, signal.default_int_handler)
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
+
 def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=None, progress:bool=True, log=print,
              executor:str="local", resources:dict=None, poll_s:float=None) -> dict:
     "Run the selected jobs (see above) with `executor` (see Executors below); returns {label: (status, detail, minutes)} of every selected job."
@@ -563,29 +577,30 @@ def run_jobs(jobs:list, plan:dict, profile:str, only=(), force=(), n_jobs:int=No
     bar = tqdm(total=len(todo), desc=f"{plan['name']} [{profile}]", unit="entry", disable=not progress)
     bar.update(len(result))
     try:
-        while len(result) < len(todo):
-            for j in todo:
-                if j.key in state or len(running) >= launcher.n_jobs: continue
-                bad = [labels[d] for d in j.needs if state.get(d) in ("failed", "blocked")]
-                if bad:
-                    state[j.key] = "blocked"; result[j.key] = ("blocked", f"needs {', '.join(bad)}, which did not finish", 0.0)
-                    bar.update(1); continue
-                if all(state.get(d) == "done" for d in j.needs):     # an entry starts once what it needs is done
-                    j.dir.mkdir(parents=True, exist_ok=True)
-                    atomic_write_json(j.dir / "entry.json", _entry_record(j, profile))
-                    running[j.key] = (launcher.start(j), time.time(), j)
-                    state[j.key] = "running"; bar.set_postfix_str(j.label)
-            for key, (handle, t0, j) in list(running.items()):
-                rc = launcher.poll(handle)
-                if rc is None: continue
-                del running[key]
-                was, detail = job_status(j.dir)
-                st = "done" if was == "done" and rc == 0 else "failed"
-                if st == "failed" and was != "failed": detail = launcher.failure(handle, rc, j)   # no error.txt: why, from the launcher
-                state[key], result[key] = st, (st, detail, (time.time() - t0) / 60)
-                bar.update(1)
-            if running: time.sleep(launcher.poll_s)
-            elif all(j.key in state for j in todo): break
+        with interruptible():
+            while len(result) < len(todo):
+                for j in todo:
+                    if j.key in state or len(running) >= launcher.n_jobs: continue
+                    bad = [labels[d] for d in j.needs if state.get(d) in ("failed", "blocked")]
+                    if bad:
+                        state[j.key] = "blocked"; result[j.key] = ("blocked", f"needs {', '.join(bad)}, which did not finish", 0.0)
+                        bar.update(1); continue
+                    if all(state.get(d) == "done" for d in j.needs):     # an entry starts once what it needs is done
+                        j.dir.mkdir(parents=True, exist_ok=True)
+                        atomic_write_json(j.dir / "entry.json", _entry_record(j, profile))
+                        running[j.key] = (launcher.start(j), time.time(), j)
+                        state[j.key] = "running"; bar.set_postfix_str(j.label)
+                for key, (handle, t0, j) in list(running.items()):
+                    rc = launcher.poll(handle)
+                    if rc is None: continue
+                    del running[key]
+                    was, detail = job_status(j.dir)
+                    st = "done" if was == "done" and rc == 0 else "failed"
+                    if st == "failed" and was != "failed": detail = launcher.failure(handle, rc, j)   # no error.txt: why, from the launcher
+                    state[key], result[key] = st, (st, detail, (time.time() - t0) / 60)
+                    bar.update(1)
+                if running: time.sleep(launcher.poll_s)
+                elif all(j.key in state for j in todo): break
     except KeyboardInterrupt:
         launcher.interrupt([(h, j) for h, t0, j in running.values()])
         bar.close()
@@ -628,7 +643,7 @@ def entry_main(entry_json):
     rec = json.loads(Path(entry_json).read_text())
     run_dir = Path(entry_json).parent
     try:
-        with run_lock(run_dir):
+        with interruptible(), run_lock(run_dir):
             os.environ["DIFFRET_LOCKED"] = str(run_dir.resolve())
             run_template(template_path(rec["template"]), run_dir, rec["params"], progress=False, log=True)
     except DiffRetError as e: print(f"error: {e}", file=sys.stderr); sys.exit(1)

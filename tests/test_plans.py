@@ -240,3 +240,30 @@ def test_submitit_local_waits_for_dependencies_and_records_its_jobs(ran_submitit
         assert "exit status" in (d / "slurm" / f"{rec['job_id']}_0_log.out").read_text()
     res = run_plan(plan, "synthetic", out=out, progress=False, log=lambda *a: None, executor="submitit-local", only=["a"], poll_s=0.2)
     assert {k: v[1] for k, v in res.items()} == {"a-s0": "already complete"}
+
+
+def test_a_background_plan_stops_on_sigterm_and_resumes(tmp_path):
+    # `diffret plan run ... &` ignores SIGINT (the shell's doing) and `kill` sends SIGTERM: both must stop the command *and*
+    # its entries like Ctrl-C (exit 130), not leave the entries running unwatched, and the same command must then finish
+    import os, signal, subprocess, sys, time
+    text = PLAN.split("  mse:")[0] + "cells:\n  - {table: 3a, row: KL, entry: a}\n"       # entry a alone
+    plan = write_plan(tmp_path, text)
+    out = tmp_path / "res"
+    from pathlib import Path
+    cmd = [str(Path(sys.executable).parent / "diffret"), "plan", "run", str(plan), "--out", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = out / "tiny" / "a-s0" / "log.txt"
+    t0 = time.time()
+    while not (log.is_file() and "kernel" in log.read_text().lower()) and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 130, text
+    assert "interrupted" in text and "interrupted: the same command resumes this entry" in log.read_text()
+    assert job_status(out / "tiny" / "a-s0")[0] != "done"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert job_status(out / "tiny" / "a-s0")[0] == "done"
