@@ -157,6 +157,9 @@ class EvalConfig:
                          "captions) or 'dsl' (dual softmax)", choices=("none", "qbnorm", "dsl"))
     qb_beta: float = P(20.0, "QB-Norm inverted-softmax temperature", min=0.0)
     qb_bank_size: int = P(0, "QB-Norm query bank: number of training captions (0 = all)", min=0)
+    qb_v2t: bool = P(True, "QB-Norm also normalises V2T, with a bank of training videos (its queries); false leaves V2T raw, "
+                     "as this workbook did before 2026-12")
+    qb_video_bank_size: int = P(0, "QB-Norm V2T video bank: number of training videos (0 = all)", min=0)
     test_limit: int = P(0, "evaluate on the first N videos of the test split (0 = all): Table 4's gallery sizes", min=0)
 
 @dataclass

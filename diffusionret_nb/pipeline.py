@@ -95,7 +95,7 @@ class SplitEvaluator:
 
     def metrics(self, g, model) -> dict:
         "Metrics of gallery `g` (post-processed and with diagnostics when final)."
-        self.sims = postprocess_gallery(g, self.cfg, model, self.bank, self.device) if self.post else None
+        self.sims = postprocess_gallery(g, self.cfg, model, self.bank, self.device, self.src) if self.post else None
         m = postprocess_metrics(g, self.cfg.eval.postprocess, sims=self.sims) if self.post else gallery_metrics(g)
         if self.final and self.adapter.diagnostics: m.update(self.adapter.diagnostics(g, self.records))
         return m

@@ -8,11 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import ConfigError, DiffRetError
+from .core import ConfigError, DataError, DiffRetError
+from .datasets import FrameSource, VideoTextDataset
+from .inference import encode_texts, encode_videos, gallery_metrics
 
 # %% auto #0
 __all__ = ['MODES', 'dual_softmax', 'activation_set', 'inverted_softmax', 'qb_norm', 'postprocess_sims', 'query_bank',
-           'bank_similarity', 'postprocess_metrics', 'postprocess_gallery', 'apply_postprocess']
+           'bank_similarity', 'video_bank', 'bank_video_similarity', 'postprocess_metrics', 'postprocess_gallery',
+           'apply_postprocess']
 
 # %% ../nbs/53_postprocess.ipynb #84d2a12b
 def _as_tensor(sim) -> torch.Tensor:
@@ -74,14 +77,32 @@ def query_bank(records:list, size:int=0, seed:int=0) -> list:
 
 def bank_similarity(model, texts:list, video:dict, n_words:int, batch_size:int=64, block:int=256, device="cpu") -> torch.Tensor:
     "Stage-1 similarity (bank texts × gallery videos) of the bank captions `texts` against encoded `video` features."
-    from diffusionret_nb.inference import encode_texts
     was = model.training; model.eval()
     try: return model.gallery_similarity(encode_texts(model, texts, n_words, batch_size, device), video, block, device)
     finally: model.train(was)
 
+def video_bank(records:list, size:int=0, seed:int=0) -> list:
+    "Training `records` whose videos form a QB-Norm V2T bank: all (size 0) or `size` of them drawn with `seed`."
+    if not records: raise DiffRetError("the video bank is empty: the training split has no videos")
+    if size <= 0 or size >= len(records): return list(records)
+    idx = np.sort(np.random.default_rng(seed).choice(len(records), size, replace=False))
+    return [records[i] for i in idx]
+
+def bank_video_similarity(model, records:list, frames:FrameSource, text:dict, n_words:int, batch_size:int=64, block:int=256,
+                          device="cpu", num_workers:int=0, progress:bool=False) -> tuple:
+    "(stage-1 similarity bank videos × gallery texts, videos skipped): the videos of `records` against encoded `text` features."
+    was = model.training; model.eval()
+    try:
+        ds = VideoTextDataset(records, frames, n_words, view="videos")
+        try: feats, _, skipped = encode_videos(model, ds, batch_size, device, num_workers, progress)
+        except DataError as e:
+            raise DataError(f"QB-Norm's V2T video bank: none of its {len(records)} training videos could be read (first: "
+                            f"{records[0].path}); fix the training videos, or set qb_v2t=false to leave V2T raw") from e
+        return model.gallery_similarity(text, feats, block, device).T, int(skipped)
+    finally: model.train(was)
+
 def postprocess_metrics(g, mode:str="none", bank_t2v=None, bank_v2t=None, beta:float=20.0, temp:float=100.0, sims=None) -> dict:
     "Metrics of gallery `g` after post-processing `mode` (or of its already post-processed `sims`); the raw ones under 'raw'."
-    from diffusionret_nb.inference import gallery_metrics
     t2v, v2t, note = sims or postprocess_sims(g.sim, mode, bank_t2v, bank_v2t, beta, temp)
     m = gallery_metrics(g, t2v)
     if mode == "none": return {**m, "postprocess": note}
@@ -89,16 +110,23 @@ def postprocess_metrics(g, mode:str="none", bank_t2v=None, bank_v2t=None, beta:f
     return {**m, "v2t": gallery_metrics(g, v2t)["v2t"], "postprocess": note, "raw": {"t2v": raw["t2v"], "v2t": raw["v2t"]}}
 
 # %% ../nbs/53_postprocess.ipynb #ff63c4a9
-def postprocess_gallery(g, cfg, model=None, train_records=None, device="cpu") -> tuple:
-    "(t2v, v2t, note): gallery `g`'s similarity after the post-processing of `cfg.eval` (QB-Norm: a bank of `train_records` captions)."
+def postprocess_gallery(g, cfg, model=None, train_records=None, device="cpu", frames:FrameSource=None) -> tuple:
+    """(t2v, v2t, note): gallery `g`'s similarity after the post-processing of `cfg.eval` (QB-Norm: banks of the captions and,
+    unless `qb_v2t` is off, the videos of `train_records`, read through `frames`, default the config's frame source)."""
     e = cfg.eval
-    bank = None
+    bank = bank_v = None
     if e.postprocess == "qbnorm":
         if model is None or train_records is None: raise ConfigError("postprocess='qbnorm' needs the model and the training records")
         texts = query_bank(train_records, e.qb_bank_size, cfg.train.seed)
         bank = bank_similarity(model, texts, g.video, cfg.data.n_words, e.eval_batch_size, e.sim_block, device)
-    return postprocess_sims(g.sim, e.postprocess, bank_t2v=bank, beta=e.qb_beta)
+        if e.qb_v2t:
+            bank_v, skipped = bank_video_similarity(model, video_bank(train_records, e.qb_video_bank_size, cfg.train.seed),
+                                                    frames or FrameSource.from_config(cfg), g.text, cfg.data.n_words,
+                                                    e.eval_batch_size, e.sim_block, device, cfg.data.num_workers)
+    t2v, v2t, note = postprocess_sims(g.sim, e.postprocess, bank_t2v=bank, bank_v2t=bank_v, beta=e.qb_beta)
+    if bank_v is not None and skipped: note = f"{note[:-1]}; {skipped} unreadable training videos left out of the video bank)"
+    return t2v, v2t, note
 
-def apply_postprocess(g, cfg, model=None, train_records=None, device="cpu") -> dict:
-    "Metrics of gallery `g` with the post-processing of `cfg.eval` (QB-Norm encodes a bank of `train_records` captions with `model`)."
-    return postprocess_metrics(g, cfg.eval.postprocess, sims=postprocess_gallery(g, cfg, model, train_records, device))
+def apply_postprocess(g, cfg, model=None, train_records=None, device="cpu", frames:FrameSource=None) -> dict:
+    "Metrics of gallery `g` with the post-processing of `cfg.eval` (QB-Norm encodes banks of `train_records` with `model`)."
+    return postprocess_metrics(g, cfg.eval.postprocess, sims=postprocess_gallery(g, cfg, model, train_records, device, frames))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionret_nb.core import ConfigError
+from diffusionret_nb.core import ConfigError, DataError
 from diffusionret_nb.config import build_config
 from diffusionret_nb.benchmarks import resolve_config
 from diffusionret_nb.datasets import FrameSource, VideoRecord
@@ -12,7 +12,7 @@ from diffusionret_nb.inference import encode_gallery
 from diffusionret_nb.metrics import multi_caption_metrics
 from diffusionret_nb.registry import create_model as build_model
 from diffusionret_nb.postprocess import (apply_postprocess, dual_softmax, inverted_softmax,
-                                         postprocess_sims, qb_norm, query_bank)
+                                         postprocess_gallery, postprocess_sims, qb_norm, query_bank)
 from diffusionret_nb.video import write_video
 
 
@@ -81,19 +81,43 @@ def gallery(tmp_path_factory):
     cfg = resolve_config(build_config(preset="tiny", n_frames=4, n_words=8))
     torch.manual_seed(0)
     model = build_model(cfg)
-    return cfg, model, encode_gallery(model, recs, FrameSource(4, 48), 8, "multi")
+    return cfg, model, encode_gallery(model, recs, FrameSource(4, 48), 8, "multi"), recs
 
 
 @pytest.mark.parametrize("mode", ["none", "dsl", "qbnorm"])
 def test_apply_postprocess_on_a_gallery(gallery, mode):
-    cfg, model, g = gallery
-    cfg.eval.postprocess = mode
-    train = [VideoRecord(i, "x.mp4", [f"a training caption {i}", f"another one {i}"], "train") for i in range(5)]
-    m = apply_postprocess(g, cfg, model, train)
+    cfg, model, g, recs = gallery
+    cfg.eval.postprocess, cfg.eval.qb_v2t = mode, True
+    # training videos: the gallery's files (readable) and one that is missing
+    train = [VideoRecord(i, recs[i % 3].path if i < 4 else "x.mp4", [f"a training caption {i}", f"another one {i}"], "train")
+             for i in range(5)]
+    m = apply_postprocess(g, cfg, model, train, frames=FrameSource(4, 48))
     assert m["n_queries"] == 6 and m["n_candidates"] == 3
     assert m["postprocess"].startswith(mode)
     if mode != "none": assert set(m["raw"]) == {"t2v", "v2t"}
-    if mode == "qbnorm": assert "text bank 10" in m["postprocess"]
+    if mode == "qbnorm":
+        assert "text bank 10, video bank 4; 1 unreadable" in m["postprocess"], m["postprocess"]
+
+
+def test_qbnorm_v2t_uses_a_video_bank_unless_switched_off(gallery):
+    cfg, model, g, recs = gallery
+    cfg.eval.postprocess = "qbnorm"
+    train = [VideoRecord(i, recs[0].path, [f"training caption {i}"], "train") for i in range(3)]   # every bank video is video 0
+    cfg.eval.qb_v2t = True
+    t2v, v2t, note = postprocess_gallery(g, cfg, model, train, frames=FrameSource(4, 48))
+    assert "video bank 3)" in note
+    # closed form: the bank is video 0 three times, so the activation set is video 0's raw best text, and a video whose
+    # raw best text it is gets 20·(s[:, j] − s[:, 0]) − log 3 (video 0 itself: −log 3 for every text); the others stay raw
+    S, hub = g.sim.double(), int(g.sim[:, 0].argmax())
+    for j in range(S.shape[1]):
+        want = 20 * (S[:, j] - S[:, 0]) - np.log(3) if int(S[:, j].argmax()) == hub else S[:, j]
+        torch.testing.assert_close(v2t[:, j], want, atol=1e-4, rtol=0)
+    cfg.eval.qb_v2t = False
+    t2, v2, note2 = postprocess_gallery(g, cfg, model, train, frames=FrameSource(4, 48))
+    assert note2.endswith("V2T raw: no video bank)") and torch.equal(v2, S) and torch.equal(t2, t2v)
+    cfg.eval.qb_v2t = True
+    with pytest.raises(DataError, match="none of its 1 training videos could be read"):
+        postprocess_gallery(g, cfg, model, [VideoRecord(0, "missing.mp4", ["x"], "train")], frames=FrameSource(4, 48))
 
 
 def test_query_bank_size_and_seed():
