@@ -161,6 +161,9 @@ class EvalConfig:
                      "as this workbook did before 2026-12")
     qb_video_bank_size: int = P(0, "QB-Norm V2T video bank: number of training videos (0 = all)", min=0)
     test_limit: int = P(0, "evaluate on the first N videos of the test split (0 = all): Table 4's gallery sizes", min=0)
+    feature_cache: bool = P(True, "keep the stage-1 features a checkpoint encodes (test galleries, stage-2 and QB-Norm banks) "
+                            "in <run>/checkpoints/features/ and reuse them while its weights, the videos and the frame settings "
+                            "are the same; false where encoding is what is timed (Table 4)")
 
 @dataclass
 class DiffusionConfig:

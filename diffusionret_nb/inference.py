@@ -78,17 +78,19 @@ class Gallery:
     n_skipped: int = 0         # videos that could not be read
 
 def encode_gallery(model, records:list, frames, n_words:int, protocol:str="single", batch_size:int=64,
-                   block:int=256, device="cpu", num_workers:int=0, progress:bool=False) -> Gallery:
-    "Encode the videos and query texts of `records` and their stage-1 similarity."
+                   block:int=256, device="cpu", num_workers:int=0, progress:bool=False, cache=None) -> Gallery:
+    "Encode the videos and query texts of `records` (through a `FeatureCache` when given) and their stage-1 similarity."
     was_training = model.training; model.eval()
     try:
         ds = VideoTextDataset(records, frames, n_words, view="videos")
-        vfeat, kept, n_skipped = encode_videos(model, ds, batch_size, device, num_workers, progress)
+        enc_v = lambda: encode_videos(model, ds, batch_size, device, num_workers, progress)
+        vfeat, kept, n_skipped = cache.videos(records, frames, enc_v) if cache is not None else enc_v()
         texts, text_video = eval_texts(records, protocol)
         pos = {int(r): i for i, r in enumerate(kept)}                  # record index -> gallery column
         keep = np.array([int(v) in pos for v in text_video])
         texts = [t for t, k in zip(texts, keep) if k]
-        tfeat = encode_texts(model, texts, n_words, batch_size, device, progress)
+        enc_t = lambda: encode_texts(model, texts, n_words, batch_size, device, progress)
+        tfeat = cache.texts(texts, n_words, enc_t) if cache is not None else enc_t()
         sim = model.gallery_similarity(tfeat, vfeat, block, device)
     finally:
         model.train(was_training)

@@ -24,6 +24,7 @@ from .inference import encode_gallery, encode_videos, gallery_arrays, gallery_me
 from .learner import EvalCB
 from .metrics import format_table
 from .postprocess import postprocess_gallery, postprocess_metrics
+from .feature_cache import checkpoint_cache
 from .registry import checkpoint_info, create_model, load_model, read_checkpoint
 from .rerank import rerank_metrics, trace_queries, trace_rerank
 from .training import (RUNTIME_KEYS, CaptionPairs, check_stage2_config, stage_plan, train_stage1, train_stage2,
@@ -82,55 +83,57 @@ class SplitEvaluator:
     def __init__(self, cfg:RunConfig, records:list, device, final:bool=False):
         self.cfg, self.records, self.device, self.final = cfg, records, device, final
         self.adapter, self.src = get_adapter(cfg.data.dataset), FrameSource.from_config(cfg)
-        self.post, self.sims = final and cfg.eval.postprocess != "none", None
+        self.post, self.sims, self.cache = final and cfg.eval.postprocess != "none", None, None
         self.bank = load_records(cfg, cfg.data.train_split) if self.post and cfg.eval.postprocess == "qbnorm" else None
 
-    def gallery(self, model, progress:bool=True):
-        "The split encoded by `model` (features and stage-1 similarity); the final split checks how many videos were missing."
-        c = self.cfg
+    def gallery(self, model, progress:bool=True, cache=None):
+        """The split encoded by `model` (features and stage-1 similarity; through the `FeatureCache` `cache` when given, which
+        post-processing banks then use too); the final split checks how many videos were missing."""
+        c, self.cache = self.cfg, cache
         g = encode_gallery(model, self.records, self.src, c.data.n_words, self.adapter.protocol, c.eval.eval_batch_size,
-                           c.eval.sim_block, self.device, c.data.num_workers, progress)
+                           c.eval.sim_block, self.device, c.data.num_workers, progress, cache)
         if self.final: check_missing(g.n_skipped, len(self.records), c)
         return g
 
     def metrics(self, g, model) -> dict:
         "Metrics of gallery `g` (post-processed and with diagnostics when final)."
-        self.sims = postprocess_gallery(g, self.cfg, model, self.bank, self.device, self.src) if self.post else None
+        self.sims = postprocess_gallery(g, self.cfg, model, self.bank, self.device, self.src, self.cache) if self.post else None
         m = postprocess_metrics(g, self.cfg.eval.postprocess, sims=self.sims) if self.post else gallery_metrics(g)
         if self.final and self.adapter.diagnostics: m.update(self.adapter.diagnostics(g, self.records))
         return m
 
     def __call__(self, model) -> dict: return self.metrics(self.gallery(model, progress=False), model)
 
-def rerank_evaluator(cfg:RunConfig, stage1, device):
+def rerank_evaluator(cfg:RunConfig, stage1, device, cache=None):
     "generator -> re-ranked metrics on the validation split, the gallery encoded once (None without a split)."
     split = validation_split(cfg)
     if not split: return None
-    g = SplitEvaluator(cfg, load_records(cfg, split), device).gallery(stage1, progress=False)
+    g = SplitEvaluator(cfg, load_records(cfg, split), device).gallery(stage1, progress=False, cache=cache)
     if cfg.diffusion.rerank_topk > min(g.sim.shape):     # fail now, not after the first epoch
         raise ConfigError(f"rerank_topk={cfg.diffusion.rerank_topk} exceeds the validation gallery ({g.sim.shape[0]} texts × "
                           f"{g.sim.shape[1]} videos in split {split!r}); lower rerank_topk")
     return lambda gen: rerank_metrics(g, gen, cfg.diffusion, n_seeds=1, device=device)
 
 def encode_bank(stage1, records:list, frames:FrameSource, n_words:int, batch_size:int=64, device="cpu",
-                num_workers:int=0, progress:bool=False) -> tuple:
-    "(bank {frames (V, T, D), mask (V, T)} on the CPU, {record index: bank row}, videos skipped)."
+                num_workers:int=0, progress:bool=False, cache=None) -> tuple:
+    "(bank {frames (V, T, D), mask (V, T)} on the CPU, {record index: bank row}, videos skipped); through `cache` when given."
     was = stage1.training; stage1.eval()
     try:
-        feats, kept, skipped = encode_videos(stage1, VideoTextDataset(records, frames, n_words, view="videos"), batch_size,
-                                             device, num_workers, progress)
+        enc = lambda: encode_videos(stage1, VideoTextDataset(records, frames, n_words, view="videos"), batch_size,
+                                    device, num_workers, progress)
+        feats, kept, skipped = cache.videos(records, frames, enc) if cache is not None else enc()
     finally: stage1.train(was)
     return dict(frames=feats["frames"].float(), mask=feats["mask"]), {int(r): i for i, r in enumerate(kept)}, int(skipped)
 
-def run_stage2(cfg:RunConfig, stage1, run_dir, device, progress:bool=True) -> tuple:
-    "Encode the training bank with the frozen `stage1` and train the generator on it; returns (learner, generator)."
+def run_stage2(cfg:RunConfig, stage1, run_dir, device, progress:bool=True, cache=None) -> tuple:
+    "Encode the training bank with the frozen `stage1` (through `cache` when given) and train the generator on it; (learner, generator)."
     check_stage2_config(cfg)
     stage1 = stage1.to(device).eval()
     recs = load_records(cfg, cfg.data.train_split)
     bank, rows, skipped = encode_bank(stage1, recs, FrameSource.from_config(cfg), cfg.data.n_words, cfg.eval.eval_batch_size,
-                                device, cfg.data.num_workers, progress)
+                                device, cfg.data.num_workers, progress, cache)
     learn, gen = train_stage2(cfg, stage1, bank, CaptionPairs(recs, rows, cfg.data.n_words), run_dir,
-                              lambda: rerank_evaluator(cfg, stage1, device), progress)
+                              lambda: rerank_evaluator(cfg, stage1, device, cache), progress)
     learn.bank_skipped = skipped
     return learn, gen
 
@@ -299,8 +302,10 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     if reused: learn, model = None, reused[0]
     elif do1: learn, model = train_stage1(cfg, run_dir, _validator(cfg, device), progress)
     else: learn, model = None, (seed_everything(cfg.train.seed), create_model(cfg))[1]    # Table 3d 'generation'
+    ck = reused[1] if reused else run_dir / "checkpoints" / "best.pt" if learn else None    # where its features are kept
+    cache = checkpoint_cache(ck, model, cfg.model, cfg.eval.feature_cache)
     t1 = time.time()
-    g = evaluate.gallery(model.to(device), progress)
+    g = evaluate.gallery(model.to(device), progress, cache)
     selected = dict(stage1_checkpoint=str(reused[1])) if reused else _selected(learn, cfg)
     m = dict(evaluate.metrics(g, model), split=cfg.data.test_split, model="stage 1", selected=selected)
     if learn: m["train"] = _train_info(learn)
@@ -309,12 +314,13 @@ def _train_eval(cfg:RunConfig, run_dir:Path, progress:bool=True) -> dict:
     eval_seconds = time.time() - t1
     m, arrays = with_alignment(m, arrays, model, g, device)                   # DITS's gap diagnostics (not timed)
     if do2:
-        learn2, gen = run_stage2(cfg, model, run_dir, device, progress)
+        learn2, gen = run_stage2(cfg, model, run_dir, device, progress, cache)
         t2 = time.time()
         m = dict(with_stage2(m, g, gen, cfg, device, arrays, evaluate.sims), selected=_selected(learn2, cfg), train=_train_info(learn2))
         eval_seconds += time.time() - t2                    # the test evaluation, not stage 2's training
         history["stage2"] = dict(steps=learn2.history, evals=getattr(learn2, "evals", []))
     m["eval_seconds"] = round(eval_seconds, 2)
+    if cache is not None: m["feature_cache"] = cache.summary()
     m.update(peak_memory(device))
     if untrained: m["untrained"] = untrained
     env = current()
@@ -390,12 +396,14 @@ def evaluate_checkpoint(checkpoint, run_dir, overrides:dict=None, progress:bool=
         with run_lock(run_dir):
             device = resolve_device(cfg.train.device)
             ev = SplitEvaluator(cfg, test_records(cfg), device, final=True)
+            cache = checkpoint_cache(src["stage1"], s1, cfg.model, cfg.eval.feature_cache)
             reset_peak_memory(device); t0 = time.time()
-            g = ev.gallery(s1.to(device), progress)
+            g = ev.gallery(s1.to(device), progress, cache)
             m = dict(ev.metrics(g, s1), split=cfg.data.test_split, model="stage 1")
             arrays = stage1_arrays(g, ev.sims)
             if gen is not None: m = with_stage2(m, g, gen.to(device), cfg, device, arrays, ev.sims)
             m.update(eval_seconds=round(time.time() - t0, 2), **peak_memory(device))
+            if cache is not None: m["feature_cache"] = cache.summary()
             m, arrays = with_alignment(m, arrays, s1, g, device)
             save_arrays(run_dir / "eval_arrays.npz", arrays)
             m.update(checkpoint=str(checkpoint), sources={k: str(v) for k, v in src.items() if v is not None and k != "state"})

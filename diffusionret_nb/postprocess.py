@@ -75,10 +75,13 @@ def query_bank(records:list, size:int=0, seed:int=0) -> list:
     idx = np.sort(np.random.default_rng(seed).choice(len(texts), size, replace=False))
     return [texts[i] for i in idx]
 
-def bank_similarity(model, texts:list, video:dict, n_words:int, batch_size:int=64, block:int=256, device="cpu") -> torch.Tensor:
+def bank_similarity(model, texts:list, video:dict, n_words:int, batch_size:int=64, block:int=256, device="cpu",
+                    cache=None) -> torch.Tensor:
     "Stage-1 similarity (bank texts × gallery videos) of the bank captions `texts` against encoded `video` features."
     was = model.training; model.eval()
-    try: return model.gallery_similarity(encode_texts(model, texts, n_words, batch_size, device), video, block, device)
+    try:
+        enc = lambda: encode_texts(model, texts, n_words, batch_size, device)
+        return model.gallery_similarity(cache.texts(texts, n_words, enc) if cache is not None else enc(), video, block, device)
     finally: model.train(was)
 
 def video_bank(records:list, size:int=0, seed:int=0) -> list:
@@ -89,12 +92,13 @@ def video_bank(records:list, size:int=0, seed:int=0) -> list:
     return [records[i] for i in idx]
 
 def bank_video_similarity(model, records:list, frames:FrameSource, text:dict, n_words:int, batch_size:int=64, block:int=256,
-                          device="cpu", num_workers:int=0, progress:bool=False) -> tuple:
+                          device="cpu", num_workers:int=0, progress:bool=False, cache=None) -> tuple:
     "(stage-1 similarity bank videos × gallery texts, videos skipped): the videos of `records` against encoded `text` features."
     was = model.training; model.eval()
     try:
         ds = VideoTextDataset(records, frames, n_words, view="videos")
-        try: feats, _, skipped = encode_videos(model, ds, batch_size, device, num_workers, progress)
+        enc = lambda: encode_videos(model, ds, batch_size, device, num_workers, progress)
+        try: feats, _, skipped = cache.videos(records, frames, enc) if cache is not None else enc()
         except DataError as e:
             raise DataError(f"QB-Norm's V2T video bank: none of its {len(records)} training videos could be read (first: "
                             f"{records[0].path}); fix the training videos, or set qb_v2t=false to leave V2T raw") from e
@@ -110,19 +114,20 @@ def postprocess_metrics(g, mode:str="none", bank_t2v=None, bank_v2t=None, beta:f
     return {**m, "v2t": gallery_metrics(g, v2t)["v2t"], "postprocess": note, "raw": {"t2v": raw["t2v"], "v2t": raw["v2t"]}}
 
 # %% ../nbs/53_postprocess.ipynb #ff63c4a9
-def postprocess_gallery(g, cfg, model=None, train_records=None, device="cpu", frames:FrameSource=None) -> tuple:
+def postprocess_gallery(g, cfg, model=None, train_records=None, device="cpu", frames:FrameSource=None, cache=None) -> tuple:
     """(t2v, v2t, note): gallery `g`'s similarity after the post-processing of `cfg.eval` (QB-Norm: banks of the captions and,
-    unless `qb_v2t` is off, the videos of `train_records`, read through `frames`, default the config's frame source)."""
+    unless `qb_v2t` is off, the videos of `train_records`, read through `frames`, default the config's frame source; encoded
+    through the `FeatureCache` `cache` when given)."""
     e = cfg.eval
     bank = bank_v = None
     if e.postprocess == "qbnorm":
         if model is None or train_records is None: raise ConfigError("postprocess='qbnorm' needs the model and the training records")
         texts = query_bank(train_records, e.qb_bank_size, cfg.train.seed)
-        bank = bank_similarity(model, texts, g.video, cfg.data.n_words, e.eval_batch_size, e.sim_block, device)
+        bank = bank_similarity(model, texts, g.video, cfg.data.n_words, e.eval_batch_size, e.sim_block, device, cache)
         if e.qb_v2t:
             bank_v, skipped = bank_video_similarity(model, video_bank(train_records, e.qb_video_bank_size, cfg.train.seed),
                                                     frames or FrameSource.from_config(cfg), g.text, cfg.data.n_words,
-                                                    e.eval_batch_size, e.sim_block, device, cfg.data.num_workers)
+                                                    e.eval_batch_size, e.sim_block, device, cfg.data.num_workers, cache=cache)
     t2v, v2t, note = postprocess_sims(g.sim, e.postprocess, bank_t2v=bank, bank_v2t=bank_v, beta=e.qb_beta)
     if bank_v is not None and skipped: note = f"{note[:-1]}; {skipped} unreadable training videos left out of the video bank)"
     return t2v, v2t, note

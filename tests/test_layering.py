@@ -18,7 +18,7 @@ LAYERS = {
     "models": 3, "generator": 3, "clip4clip": 3, "xpool": 3, "dits": 3, "dits_model": 3,
     "registry": 4, "official": 4,
     "learner": 5, "training": 5, "distributed": 5,
-    "metrics": 6, "inference": 6, "rerank": 6, "postprocess": 6, "bench": 6, "bench_train": 6,
+    "metrics": 6, "inference": 6, "rerank": 6, "postprocess": 6, "feature_cache": 6, "bench": 6, "bench_train": 6,
     "pipeline": 7, "runner": 7, "results": 7, "plans": 7,
     "cli": 8, "train": 8,
 }

@@ -63,6 +63,14 @@ def test_every_paper_plan_loads_and_expands_under_both_profiles():
             assert all(d in known for j in jobs for d in j.needs), n        # every job's needs are in the plan
 
 
+def test_table4_encodes_every_gallery_it_times():
+    "Table 4 times feature extraction, so none of its cells may read features a checkpoint's earlier evaluation kept."
+    p, env = load_plan("diffusionret/table4"), dict(MSRVTT_ROOT="/x", CLIP_WEIGHTS="/x")
+    for profile in ("synthetic", "paper"):
+        own = [j for j in plan_jobs(p, profile, variables=env) if j.plan == "diffusionret/table4"]
+        assert len(own) == 24 and all(j.params["feature_cache"] is False for j in own), profile
+
+
 def test_table3e_cells_above_the_diagonal_are_x_with_the_reason():
     p = load_plan("diffusionret/table3")
     e = [c for c in p["cells"] if c["table"] == "3e"]

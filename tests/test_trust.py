@@ -102,6 +102,27 @@ def test_eval_of_a_run_folder_and_a_stage2_checkpoint_rerank(run, tmp_path):
     assert s1["model"] == "stage 1" and s1["t2v"] == m["stage1"]["t2v"]
 
 
+def test_the_feature_cache_serves_a_checkpoints_features_exactly(run, tmp_path):
+    d, m = run
+    kinds = sorted(p.name.split("-")[0] for p in (d / "checkpoints" / "features").glob("*.pt"))
+    assert kinds == ["texts", "texts", "videos", "videos", "videos"], kinds   # test and val galleries, stage 2's training bank
+    assert m["feature_cache"]["misses"] == 5 and m["feature_cache"]["hits"] == 0
+    off = pipeline.evaluate_checkpoint(d, tmp_path / "off", dict(feature_cache=False), progress=False)
+    on = pipeline.evaluate_checkpoint(d, tmp_path / "on", progress=False)
+    assert "feature_cache" not in off and on["feature_cache"]["hits"] == 2 and on["feature_cache"]["misses"] == 0
+    for k in ("t2v", "v2t"): assert on[k] == off[k] == m[k] and on["stage1"][k] == off["stage1"][k]
+
+
+def test_a_changed_video_is_encoded_again(run, holed_world, tmp_path):
+    d, _ = run
+    over = dict(data_root=str(holed_world), max_missing_videos=0.05)
+    first = pipeline.evaluate_checkpoint(d, tmp_path / "a", over, progress=False)["feature_cache"]
+    video = Path(load_records(build_config(**{**TINY, **over}), "test")[1].path)
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))       # the file is replaced
+    again = pipeline.evaluate_checkpoint(d, tmp_path / "b", over, progress=False)["feature_cache"]
+    assert (first["misses"], again["misses"], again["hits"]) == (2, 1, 1)                   # videos again, texts kept
+
+
 @pytest.mark.parametrize("override,needle", [("temporal=mean", "temporal='mean': cannot apply"),
                                              ("stage2=false", "stage2=False: cannot apply"),
                                              ("preset=vitb32", "preset='vitb32': cannot apply"),
