@@ -19,7 +19,7 @@ from .core import atomic_output
 from .distributed import current
 
 # %% auto #0
-__all__ = ['weights_digest', 'frames_key', 'FeatureCache', 'checkpoint_cache']
+__all__ = ['weights_digest', 'frames_key', 'rng_draws', 'FeatureCache', 'checkpoint_cache']
 
 # %% ../nbs/54_feature_cache.ipynb #fc000006
 def weights_digest(model) -> str:
@@ -43,6 +43,24 @@ def frames_key(frames) -> dict:
     return dict(n_frames=frames.n_frames, image_size=frames.image_size, sampling=frames.sampling, sample_fps=frames.sample_fps,
                 augment=frames.augment, policy=frames.policy, disk_cache=str(frames.disk.folder) if frames.disk is not None else None)
 
+_FORMAT = 2                  # 2: the file holds {value, rng_draws}; files of another format are not read
+
+def _loader_seed_draw():
+    "The draw a `DataLoader` pass makes from the global generator for its base seed."
+    torch.empty((), dtype=torch.int64).random_()
+
+def rng_draws(before, after, most:int=16):
+    "How many loader-seed draws take the global CPU generator from state `before` to `after` (None: no number up to `most`)."
+    if torch.equal(before, after): return 0
+    now = torch.get_rng_state()
+    try:
+        torch.set_rng_state(before)
+        for k in range(1, most + 1):
+            _loader_seed_draw()
+            if torch.equal(torch.get_rng_state(), after): return k
+        return None
+    finally: torch.set_rng_state(now)
+
 class FeatureCache:
     "Encoded features of one model, kept as files under `root`, reused while the weights, the inputs and the settings match."
     def __init__(self, root, model, context:dict=None):
@@ -51,22 +69,30 @@ class FeatureCache:
 
     def path(self, kind:str, parts) -> Path:
         "The file of one encoded set."
-        key = json.dumps([self.digest, self.context, kind, parts], sort_keys=True, default=str)
+        key = json.dumps([_FORMAT, self.digest, self.context, kind, parts], sort_keys=True, default=str)
         return self.root / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:24]}.pt"
 
     def get(self, kind:str, parts, compute):
-        "The stored result for (`kind`, `parts`), or `compute()`'s, stored for next time."
+        """The stored result for (`kind`, `parts`), or `compute()`'s, stored for next time; a hit makes the draws from
+        the global random generator that `compute()` made (see above)."""
         path = self.path(kind, parts)
         if path.is_file():
-            try: out = torch.load(path, map_location="cpu", weights_only=True)
+            try: stored = torch.load(path, map_location="cpu", weights_only=True); out, draws = stored["value"], int(stored["rng_draws"])
             except Exception as e: warnings.warn(f"feature cache file {path} could not be read ({e}); encoding again")
             else:
+                for _ in range(draws): _loader_seed_draw()
                 self.hits += 1
                 return out
+        before = torch.get_rng_state()
         out = compute()
         self.misses += 1
+        draws = rng_draws(before, torch.get_rng_state())
+        if draws is None:
+            warnings.warn(f"encoding the {kind} drew from the global random generator otherwise than loader seeds; "
+                          f"not cached, so that a cached run would not draw other random numbers")
+            return out
         try:
-            with atomic_output(path) as tmp: torch.save(out, tmp)
+            with atomic_output(path) as tmp: torch.save(dict(value=out, rng_draws=torch.tensor(draws)), tmp)
         except OSError as e: warnings.warn(f"could not write the feature cache file {path} ({e}); this run is not cached")
         return out
 

@@ -113,6 +113,19 @@ def test_the_feature_cache_serves_a_checkpoints_features_exactly(run, tmp_path):
     for k in ("t2v", "v2t"): assert on[k] == off[k] == m[k] and on["stage1"][k] == off["stage1"][k]
 
 
+def test_a_cache_hit_trains_the_same_generator_as_encoding(run, tmp_path):
+    "Stage 2 on a cached stage 1 draws the random numbers an uncached one draws (a hit replays the loaders' seed draws)."
+    d, _ = run
+    over = dict(TINY, stage1_checkpoint=str(d / "checkpoints" / "best.pt"))
+    hit = pipeline.train_eval(build_config(**over), tmp_path / "hit", progress=False)
+    off = pipeline.train_eval(build_config(**over, feature_cache=False), tmp_path / "off", progress=False)
+    assert hit["feature_cache"]["misses"] == 0 and hit["feature_cache"]["hits"] >= 3 and "feature_cache" not in off
+    a, b = (torch.load(r / "checkpoints" / "stage2" / "last.pt", map_location="cpu", weights_only=True)["model"]
+            for r in (tmp_path / "hit", tmp_path / "off"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for k in ("t2v", "v2t"): assert hit[k] == off[k]
+
+
 def test_a_changed_video_is_encoded_again(run, holed_world, tmp_path):
     d, _ = run
     over = dict(data_root=str(holed_world), max_missing_videos=0.05)
