@@ -335,7 +335,7 @@ class Job:
     resources: dict = field(default_factory=dict)  # what it asks a cluster for (see `job_resources`); not part of the run
 
     @property
-    def key(self) -> str: return str(self.dir)
+    def key(self) -> str: return str(Path(self.dir).resolve())     # as the paths in params (a linked results folder)
 
 def _folder(entry:str, seed) -> str: return entry if seed is None else f"{entry}-s{seed}"
 
@@ -471,7 +471,7 @@ def job_config(job:Job, by:dict):
 def check_jobs(jobs:list, records:bool=True):
     "Check every job's parameters and inputs; a `PlanError` naming the job."
     by, checked = {j.key: j for j in jobs}, set()
-    dirs = {str(j.dir) for j in jobs}                                             # a `pretrained` run folder another job writes
+    dirs = {j.key for j in jobs}                                             # a `pretrained` run folder another job writes
     for j in jobs:
         where = f"plan {j.plan}, entry {j.entry!r} ({j.label})"
         try:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from diffusionret_nb.plans import (PlanError, for_profile, job_status, load_plan, plan_jobs, plan_names, plan_runs, plan_status,
+from diffusionret_nb.plans import (PlanError, check_jobs, for_profile, job_status, load_plan, plan_jobs, plan_names, plan_runs, plan_status,
                                    report_plan, run_plan, select_jobs)
 
 TINY = dict(dataset="synthetic", preset="tiny", device="cpu", syn_n_train=16, syn_n_val=8, syn_n_test=24, syn_size=32, n_frames=2,
@@ -109,6 +109,15 @@ def test_a_bad_value_and_a_stage1_mismatch_fail_before_anything_runs(tmp_path):
     with pytest.raises(PlanError, match="entry 'mse'.*reuses the stage 1 of a-s0, trained with other values of \\['lr'\\]"):
         run_plan(plan, "synthetic", out=tmp_path / "results", progress=False)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_results_folder_reached_through_a_link(tmp_path):
+    "The entries' paths are resolved (here a plan's folder is a link to another disk); they still name the jobs they need."
+    (tmp_path / "elsewhere").mkdir(); (tmp_path / "results").mkdir(); (tmp_path / "results" / "tiny").symlink_to(tmp_path / "elsewhere")
+    jobs = plan_jobs(load_plan(write_plan(tmp_path)), "synthetic", out=tmp_path / "results")
+    by, mse = {j.key: j for j in jobs}, next(j for j in jobs if j.entry == "mse")
+    assert mse.params["stage1_checkpoint"] == str(tmp_path / "elsewhere" / "a-s0") and by[mse.params["stage1_checkpoint"]].entry == "a"
+    check_jobs(jobs, records=False)                       # found its stage 1 (a KeyError before)
 
 
 def test_only_selects_an_entry_and_what_it_needs(tmp_path):
