@@ -77,7 +77,9 @@ class FeatureCache:
         the global random generator that `compute()` made (see above)."""
         path = self.path(kind, parts)
         if path.is_file():
-            try: stored = torch.load(path, map_location="cpu", weights_only=True); out, draws = stored["value"], int(stored["rng_draws"])
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                out, draws = stored["value"], int(stored["rng_draws"])
             except Exception as e: warnings.warn(f"feature cache file {path} could not be read ({e}); encoding again")
             else:
                 for _ in range(draws): _loader_seed_draw()

@@ -335,7 +335,7 @@ class Job:
     resources: dict = field(default_factory=dict)  # what it asks a cluster for (see `job_resources`); not part of the run
 
     @property
-    def key(self) -> str: return str(Path(self.dir).resolve())     # as the paths in params (a linked results folder)
+    def key(self) -> str: return str(self.dir)
 
 def _folder(entry:str, seed) -> str: return entry if seed is None else f"{entry}-s{seed}"
 
@@ -415,7 +415,7 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
     if plan["name"] in memo: return memo[plan["name"]]
     overrides = {k: check_value(k, v) for k, v in (overrides or {}).items()}
     env = {**os.environ, **(variables or {})}
-    base, jobs, by, seen = Path(out).resolve() / plan["name"], [], {}, set()
+    base, jobs, by, seen = Path(out).resolve() / plan["name"], [], {}, set()   # job folders resolved, as absolute_paths
     def add(j):
         if j.key not in seen: seen.add(j.key); jobs.append(j)
     for e in _toposort(plan["entries"], plan["name"]):
@@ -447,7 +447,7 @@ def plan_jobs(plan:dict, profile:str, overrides:dict=None, out="results", variab
             needs = [dep.key for dep in deps.values()]
             res = {**default_resources(plan, profile, spec["template"]), **plan["profiles"][profile].get("resources", {}),
                    **spec.get("resources", {}).get("*", {}), **spec.get("resources", {}).get(profile, {})}
-            job = Job(plan["name"], e, s, base / _folder(e, s), spec["template"], absolute_paths(p), needs, _folder(e, s), res)
+            job = Job(plan["name"], e, s, (base / _folder(e, s)).resolve(), spec["template"], absolute_paths(p), needs, _folder(e, s), res)
             add(job); by[(e, s)] = job
     for ref in dict.fromkeys(r["entry"] for r in plan_runs(plan) if ":" in r["entry"]):   # what the cells and figures show
         op, te = _split(plan, ref)
@@ -471,7 +471,7 @@ def job_config(job:Job, by:dict):
 def check_jobs(jobs:list, records:bool=True):
     "Check every job's parameters and inputs; a `PlanError` naming the job."
     by, checked = {j.key: j for j in jobs}, set()
-    dirs = {j.key for j in jobs}                                             # a `pretrained` run folder another job writes
+    dirs = {str(j.dir) for j in jobs}                                             # a `pretrained` run folder another job writes
     for j in jobs:
         where = f"plan {j.plan}, entry {j.entry!r} ({j.label})"
         try:
