@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("plan", help="plan name, e.g. diffusionret/table3 (see `diffret plan list`), or a plan file")
         p.add_argument("--out", default="results", help="results folder: <out>/<plan>/<entry>/ and <out>/<plan>/report/ (default results)")
         if report:
-            p.add_argument("--profile", default=None, help="whose cells to show: default the profile the runs used ('synthetic' "
-                           "when none has run)")
+            p.add_argument("--profile", default=None, help="whose cells (report) or runs (status) to show: default the profile "
+                           "the runs used ('synthetic' when none has run)")
         if not run: return
         p.add_argument("--profile", default="synthetic", help="'synthetic' (the CPU analogue, default) or 'paper' (the published recipe)")
         p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     for n, h in (("run", "run every entry of a plan with papermill (resumable: finished entries are skipped)"),
                  ("status", "done / failed (with the error line) / not run, per entry"),
                  ("report", "execute the report notebook: the paper's tables beside ours, CSV, LaTeX, figures")):
-        plan_args(psub.add_parser(n, help=h), n == "run", n == "report")
+        plan_args(psub.add_parser(n, help=h), n == "run", n in ("report", "status"))
     plan_args(sub.add_parser("reproduce", help="run a plan, then its report (`plan run` + `plan report`)"), True)
     pp = sub.add_parser("params", help="list the parameters with their defaults and help, by section and arch")
     pp.add_argument("names", nargs="*", help="only these parameters")
@@ -216,9 +216,11 @@ def cmd_plan(args):
                   + "".join(f"{'':22s} {c}\n" for c in counts))
         return
     if sub == "status":
-        rows = plans.plan_status(args.plan, args.out)
-        for name, st, detail in rows: print(f"{name:28s} {st:8s} {detail}")
-        print(f"{sum(r[1] == 'done' for r in rows)} of {len(rows)} done")
+        rows = plans.plan_status(args.plan, args.out, args.profile)
+        w = max([28] + [len(r[0]) for r in rows])
+        for name, st, detail in rows: print(f"{name:{w}s} {st:8s} {detail}")
+        print(f"{sum(r[1] == 'done' for r in rows)} of {len(rows)} done (profile "
+              f"{plans.report_profile(plans.load_plan(args.plan), args.out, args.profile)})")
         return
     if sub == "report":
         print(f"report: {plans.report_plan(args.plan, args.out, profile=args.profile)}/table.md"); return
@@ -236,8 +238,8 @@ def cmd_plan(args):
 
 def _needed_vars() -> set:
     "The ${NAME} variables the plans use (to count their runs without them)."
-    from diffusionret_nb.plans import plans_dir
-    return {v for p in plans_dir().rglob("*.yaml") for v in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", p.read_text())}
+    from diffusionret_nb.plans import plan_variables
+    return plan_variables()
 
 def cmd_eval(args):
     from diffusionret_nb.pipeline import evaluate_checkpoint

@@ -30,7 +30,7 @@ __all__ = ['TEMPLATES', 'PLAN_KEYS', 'ENTRY_KEYS', 'DEPS', 'DEP_PARAMS', 'CELL_K
            'plan_jobs', 'job_config', 'check_jobs', 'job_status', 'select_jobs', 'papermill_command', 'interruptible',
            'run_jobs', 'LocalLauncher', 'entry_main', 'job_resources', 'resources_text', 'slurm_parameters',
            'local_parameters', 'job_record_path', 'submitted_entry', 'SubmititLauncher', 'make_launcher', 'run_plan',
-           'plan_status', 'report_profile', 'report_plan']
+           'plan_variables', 'plan_status', 'report_profile', 'report_plan']
 
 # %% ../nbs/62_plans.ipynb #3a7e5c21
 class PlanError(ConfigError):
@@ -840,11 +840,17 @@ def _status(job_dir) -> tuple:
                   f"interrupted: rerun the same command to wait for it or resume it; log: {r.get('folder')}/{r.get('job_id')}_0_log.out)")
     return st, detail
 
-def plan_status(name, out="results") -> list:
-    "[(folder name, status, detail)] of every run folder of plan `name` under `out` (whichever executor ran them)."
+def plan_variables() -> set:
+    "The ${NAME} variables the plan files use."
+    return {v for p in plans_dir().rglob("*.yaml") for v in _VAR.findall(p.read_text())}
+
+def plan_status(name, out="results", profile:str=None) -> list:
+    """[(label, status, detail)] of the runs `plan run --profile P` makes under `out` (another plan's as `<plan>:<folder>`),
+    whichever executor ran them; P is `profile`, else the profile the runs used (as the report picks it)."""
     plan = load_plan(name)
-    return [(r["dir"].name if ":" not in r["entry"] else f"{r['entry'].rsplit(':', 1)[0]}:{r['dir'].name}", *_status(r["dir"]))
-            for r in plan_runs(plan, out)]
+    profile = report_profile(plan, out, profile)
+    jobs = plan_jobs(plan, profile, out=out, variables=dict.fromkeys(plan_variables(), "?"))   # folders do not depend on them
+    return [(j.label, *_status(j.dir)) for j in jobs]
 
 def report_profile(plan:dict, out="results", profile:str=None) -> str:
     "The profile whose cells a report shows: `profile`, else the one the plan's runs under `out` used, else (none run yet) `synthetic`."

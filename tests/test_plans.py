@@ -284,3 +284,15 @@ def test_a_background_plan_stops_on_sigterm_and_resumes(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert job_status(out / "tiny" / "a-s0")[0] == "done"
+
+
+def test_status_lists_the_runs_of_one_profile(tmp_path):
+    "`plan status` counts the runs the profile makes (another plan's it needs included), not every profile's entries."
+    syn = {n: s for n, s, _ in plan_status("diffusionret/table2", tmp_path)}           # nothing run: the synthetic profile
+    assert "dr-msvd-eval-s0" in syn and "dr-msvd-s0" not in syn and "clip4clip-lsmdc-s0" not in syn
+    assert {"diffusionret/table1:dr-s0", "diffusionret/table1:clip4clip-s2"} <= set(syn)  # the MSVD analogue evaluates them
+    assert len([n for n in syn if ":" not in n]) == 33 and set(syn.values()) == {"not run"}
+    pap = {n for n, _, _ in plan_status("diffusionret/table2", tmp_path, profile="paper")}
+    assert "dr-msvd-s0" in pap and "clip4clip-lsmdc-s0" in pap and "dr-msvd-eval-s0" not in pap
+    with pytest.raises(PlanError, match="no profile 'papr'"):
+        plan_status("diffusionret/table2", tmp_path, profile="papr")
