@@ -202,7 +202,7 @@ def cmd_plan(args):
     from diffusionret_nb import plans
     sub = "reproduce" if args.cmd == "reproduce" else args.plan_cmd
     if sub == "list":
-        placeholders = dict.fromkeys(_needed_vars(), "?")                # read the plan files once, not per plan and profile
+        placeholders = dict.fromkeys(plans.plan_variables(), "?")                # read the plan files once, not per plan and profile
         for n in plans.plan_names():
             p = plans.load_plan(n)
             if args.paper and p["paper"] != args.paper: continue
@@ -235,11 +235,6 @@ def cmd_plan(args):
           + (f"; not done: {', '.join(bad)} (`diffret plan status {args.plan}`; rerun the same command to retry them)" if bad else ""))
     if sub == "reproduce": print(f"report: {plans.report_plan(args.plan, args.out, profile=args.profile)}/table.md")
     if bad: raise RunFailed(f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of {args.plan} did not finish")
-
-def _needed_vars() -> set:
-    "The ${NAME} variables the plans use (to count their runs without them)."
-    from diffusionret_nb.plans import plan_variables
-    return plan_variables()
 
 def cmd_eval(args):
     from diffusionret_nb.pipeline import evaluate_checkpoint
