@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .core import ConfigError, DiffRetError, atomic_write_json
-from .encoders import TokenWeightedSimilarity
+from .encoders import TokenWeightedSimilarity, cpu_linear, onednn_default
 from .rerank import gallery_similarity_fast, gallery_similarity_reference, rerank
 from .generator import Stage2Generator
 
@@ -74,11 +74,13 @@ def measure(fn, device="cpu") -> tuple:
     else: peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out, sec, max(peak - base, 0) / 2**20, peak / 2**20
 
-def matmul_gflops(n:int=2048, device="cpu", repeats:int=5) -> float:
-    "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product."
+def matmul_gflops(n:int=2048, device="cpu", repeats:int=5, onednn:bool=False) -> float:
+    "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product: `torch.matmul`, or `encoders.cpu_linear` with `onednn`."
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    _, sec, _, _ = measure(lambda: [a @ b for _ in range(repeats)], device)
+    mm = (lambda: cpu_linear(a, b, onednn=True)) if onednn else (lambda: a @ b)
+    with torch.no_grad():
+        mm()
+        _, sec, _, _ = measure(lambda: [mm() for _ in range(repeats)], device)
     return 2 * n ** 3 * repeats / sec / 1e9
 
 # %% ../nbs/55_bench.ipynb #201f600c
@@ -94,8 +96,13 @@ def _rec(gallery, steps, sec, mb, direction, impl="fast", rss=None, **extra) -> 
     return {**r, **extra}
 
 def _bench_similarity(sim_mod, text, video, n, reference, device, log) -> tuple:
+    cpu = torch.device(device).type == "cpu"
+    onednn = cpu and onednn_default()
     S, sec, mb, rss = measure(lambda: gallery_similarity_fast(sim_mod, text, video, device=device), device)
-    recs = [_rec(n, 0, sec, mb, "similarity", rss=rss)]; log(recs[-1])
+    recs = [_rec(n, 0, sec, mb, "similarity", rss=rss, onednn=onednn)]; log(recs[-1])
+    if reference and onednn:                                                      # the same form through torch.matmul
+        B, sec, mb, rss = measure(lambda: gallery_similarity_fast(sim_mod, text, video, device=device, onednn=False), device)
+        recs.append(_rec(n, 0, sec, mb, "similarity", "fast-blas", rss, max_abs_diff=float((B - S).abs().max()))); log(recs[-1])
     if reference:
         R, sec, mb, rss = measure(lambda: gallery_similarity_reference(sim_mod, text, video, device=device), device)
         recs.append(_rec(n, 0, sec, mb, "similarity", "reference", rss, max_abs_diff=float((R - S).abs().max()))); log(recs[-1])
@@ -129,7 +136,9 @@ def bench_rerank(galleries=(1000, 3000, 5000), steps=(1, 3, 5, 10, 30, 50), out=
     if verbose: print(_HEADER, flush=True)
     torch.manual_seed(seed)
     gen, sim_mod = Stage2Generator(dim).to(device).eval(), TokenWeightedSimilarity(dim).to(device)
-    recs = [_rec(matmul_n, 0, 0.0, 0.0, "matmul", gflops=round(matmul_gflops(matmul_n, device=device), 1))]; log(recs[-1])
+    gf = dict(gflops=round(matmul_gflops(matmul_n, device=device), 1))
+    if torch.device(device).type == "cpu": gf["gflops_onednn"] = round(matmul_gflops(matmul_n, device=device, onednn=True), 1)
+    recs = [_rec(matmul_n, 0, 0.0, 0.0, "matmul", **gf)]; log(recs[-1])
     for n in galleries:
         text, video = random_gallery(n, dim, lengths=lengths, seed=seed)
         ref_here = reference and n == ref_gallery
@@ -163,9 +172,11 @@ _HEADER = f"{'gallery':>7} {'steps':>5} {'direction':>10} {'impl':>9} {'seconds'
 
 def _fmt(r:dict) -> str:
     notes = []
-    if "gflops" in r: notes.append(f"{r['gflops']} GFLOP/s (n × n × n fp32 product, n = gallery column)")
+    if "gflops" in r: notes.append(f"{r['gflops']} GFLOP/s (n × n × n fp32 product, n = gallery column)"
+                                   + (f"; oneDNN {r['gflops_onednn']} GFLOP/s" if "gflops_onednn" in r else ""))
     if "cand_steps_per_s" in r: notes.append(f"{r['cand_steps_per_s']:,} candidate-steps/s = {r['literal_gflops']} literal GFLOP/s")
-    if "max_abs_diff" in r: notes.append(f"max |reference − fast| = {r['max_abs_diff']:.1e}")
+    if "max_abs_diff" in r: notes.append(f"max |{r['impl']} − fast| = {r['max_abs_diff']:.1e}")
+    if r.get("onednn"): notes.append("products through oneDNN")
     rss = f"{r['rss_mb']:>7.0f}" if "rss_mb" in r else " " * 7
     return f"{r['gallery']:>7} {r['steps']:>5} {r['direction']:>10} {r['impl']:>9} {r['seconds']:>9.3f} {r['peak_mb']:>8.1f} {rss}  " + "; ".join(notes)
 
@@ -209,6 +220,10 @@ def summary(recs:list) -> str:
         if fast: lines.append(f"{ref['direction']} (gallery {ref['gallery']}, {ref['steps']} steps): reference {ref['seconds']:.2f} s, "
                               f"fast {fast['seconds']:.2f} s, {ref['seconds'] / fast['seconds']:.1f}× faster; added peak "
                               f"{ref['peak_mb']:.0f} / {fast['peak_mb']:.0f} MB")
+    for blas in (r for r in recs if r["impl"] == "fast-blas"):
+        fast = _find(recs, "fast", "similarity", blas["gallery"])
+        if fast: lines.append(f"similarity (gallery {blas['gallery']}): through torch.matmul {blas['seconds']:.2f} s, through oneDNN "
+                              f"{fast['seconds']:.2f} s, {blas['seconds'] / fast['seconds']:.1f}× faster")
     rs = ratios(recs)
     if rs: lines += ["", "target ratios (one run):"] + [
         f"  {r['what']} (gallery {r['gallery']}): {r['value']:.2f}, target {r['target']}: {'meets' if r['meets'] else 'MISSES'}" for r in rs]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from torch import nn
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'similarity_blocks',
-           'gallery_similarity_fast']
+__all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'onednn_default',
+           'cpu_linear', 'similarity_blocks', 'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
 TEMPORAL_LN_EPS = 1e-12   # the reference's TF-style LayerNorm in the temporal blocks (CLIP's own: 1e-5)
@@ -102,11 +103,32 @@ class TokenWeightedSimilarity(nn.Module):
         return self.score(self.prepare_text(words, word_mask), self.prepare_video(frames, frame_mask))
 
 # %% ../nbs/10_encoders.ipynb #4c684ff0
-def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor) -> dict:
+def onednn_default() -> bool:
+    "Whether `cpu_linear` may use oneDNN: `DIFFRET_ONEDNN` (1, the default, or 0)."
+    v = os.environ.get("DIFFRET_ONEDNN", "1").strip()
+    if v not in ("0", "1"): raise ConfigError(f"the environment variable DIFFRET_ONEDNN must be 0 or 1, got {v!r}")
+    return v == "1"
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, onednn:bool=None) -> torch.Tensor:
+    "`F.linear(x, weight, bias)` (x (M, K), weight (N, K)); a float32 CPU product without gradients runs on oneDNN's kernels."
+    use = onednn_default() if onednn is None else onednn
+    if (use and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.dim() == weight.dim() == 2 and len(x) > 0 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return _ONEDNN_LINEAR(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+def _mlp(mlp, x:torch.Tensor, onednn:bool=None) -> torch.Tensor:
+    "A weight network `_weight_mlp` on tokens x (M, D) -> logits (M,), its first layer through `cpu_linear`."
+    l1, l2 = mlp[0], mlp[2]
+    return torch.addmv(l2.bias, torch.relu_(cpu_linear(x, l1.weight, l1.bias, onednn)), l2.weight[0])
+
+def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor, onednn:bool=None) -> dict:
     "Weights (softmax over real tokens of mlp(token)), normalised features zeroed on padding, lengths."
     valid = mask.bool()
     logits = torch.full(mask.shape, -math.inf, device=feats.device, dtype=feats.dtype)
-    logits[valid] = mlp(feats[valid]).squeeze(-1)
+    logits[valid] = _mlp(mlp, feats[valid], onednn)
     return dict(feat=F.normalize(feats, dim=-1) * valid[..., None], weight=torch.softmax(logits, -1), length=valid.sum(1))
 
 SIM_MEM_MB = 4    # default working memory of one block of cosines, in MiB
@@ -124,12 +146,13 @@ def similarity_blocks(lengths:torch.Tensor, n_frames:int, block_v:int, mem_mb:fl
 
 @torch.no_grad()
 def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None, block_v:int=256, device="cpu",
-                            mem_mb:float=SIM_MEM_MB) -> torch.Tensor:
+                            mem_mb:float=SIM_MEM_MB, onednn:bool=None) -> torch.Tensor:
     "Token-weighted similarity (N_text, N_video) of encoded texts and videos, equal to `TokenWeightedSimilarity`."
+    if onednn is None: onednn = onednn_default()
     nv, T, D = video["frames"].shape
     vblocks = []
     for j in range(0, nv, block_v):                                               # videos prepared block by block
-        v = _prepare(sim_module.video_weight_fc, video["frames"][j:j + block_v].to(device).float(), video["mask"][j:j + block_v].to(device))
+        v = _prepare(sim_module.video_weight_fc, video["frames"][j:j + block_v].to(device).float(), video["mask"][j:j + block_v].to(device), onednn)
         vblocks.append((j, v["feat"].transpose(0, 1).reshape(-1, D), v["weight"].T[None]))   # frame-major (T·bv, D), weights (1, T, bv)
     del v
     words, wmask = text["words"], text["mask"]
@@ -140,12 +163,12 @@ def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None,
     out = torch.empty(nt, nv, device=device)
     for rows in blocks:                                                           # texts prepared block by block
         bt, Lb = len(rows), max(int(lengths[rows].max()), 1)
-        t = _prepare(sim_module.text_weight_fc, words[rows, :Lb].to(device).float(), wmask[rows, :Lb].to(device))
+        t = _prepare(sim_module.text_weight_fc, words[rows, :Lb].to(device).float(), wmask[rows, :Lb].to(device), onednn)
         tf, tw, pad = t["feat"].reshape(-1, D), t["weight"], (lengths[rows] < L).to(device)[:, None, None]
         rows = rows.to(device)
         for j, vf, vw in vblocks:
             bv = vf.shape[0] // T
-            a = (tf @ vf.T)                                                       # (bt·Lb, T·bv) cosines
+            a = cpu_linear(tf, vf, onednn=onednn)                                 # (bt·Lb, T·bv) cosines
             w_max = a.view(bt * Lb, T, bv).amax(1).view(bt, Lb, bv)              # max over frames, per word
             f_max = a.view(bt, Lb, T * bv).amax(1).view(bt, T, bv)               # max over words, per frame
             del a
