@@ -18,7 +18,7 @@ from .core import ConfigError
 
 # %% auto #0
 __all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'onednn_default',
-           'cpu_linear', 'similarity_blocks', 'gallery_similarity_fast']
+           'onednn_available', 'cpu_linear', 'similarity_blocks', 'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
 TEMPORAL_LN_EPS = 1e-12   # the reference's TF-style LayerNorm in the temporal blocks (CLIP's own: 1e-5)
@@ -110,6 +110,10 @@ def onednn_default() -> bool:
     return v == "1"
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+def onednn_available() -> bool:
+    "Whether this torch has oneDNN's float32 linear kernel (`cpu_linear` falls back to `F.linear` without it)."
+    return _ONEDNN_LINEAR is not None
 
 def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, onednn:bool=None) -> torch.Tensor:
     "`F.linear(x, weight, bias)` (x (M, K), weight (N, K)); a float32 CPU product without gradients runs on oneDNN's kernels."
