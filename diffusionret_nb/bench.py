@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .core import ConfigError, DiffRetError, atomic_write_json
-from .encoders import TokenWeightedSimilarity, cpu_linear, onednn_default
+from .encoders import TokenWeightedSimilarity
+from .kernels import cpu_linear, onednn_default
 from .rerank import gallery_similarity_fast, gallery_similarity_reference, rerank
 from .generator import Stage2Generator
 
@@ -75,7 +76,7 @@ def measure(fn, device="cpu") -> tuple:
     return out, sec, max(peak - base, 0) / 2**20, peak / 2**20
 
 def matmul_gflops(n:int=2048, device="cpu", repeats:int=5, onednn:bool=False) -> float:
-    "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product: `torch.matmul`, or `encoders.cpu_linear` with `onednn`."
+    "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product: `torch.matmul`, or `kernels.cpu_linear` with `onednn`."
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     mm = (lambda: cpu_linear(a, b, onednn=True)) if onednn else (lambda: a @ b)
     with torch.no_grad():

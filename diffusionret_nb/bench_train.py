@@ -23,8 +23,8 @@ from .clip import tokenize
 from .config import build_config, load_preset
 from .core import ConfigError, DiffRetError, atomic_write_json, resolve_device
 from .datasets import FrameSource, usable_cores
-from .encoders import cpu_linear, onednn_available
-from .learner import DeviceCB, Learner, MixedPrecisionCB, make_optimizer, resolve_precision
+from .kernels import cpu_linear, onednn_available
+from .learner import DeviceCB, Learner, MixedPrecisionCB, OneDNNCB, make_optimizer, resolve_precision
 from .models import param_groups
 from .prepare import prepare, run_config
 from .registry import ARCHS, create_model, model_dim
@@ -41,9 +41,12 @@ __all__ = ['DTYPES', 'STAGE2', 'HEADER', 'count_flops', 'matmul_peak', 'mfu', 's
 def _sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int: return sdpa_flop_count(q, k, v)
 def _sdpa_cpu_backward(g, q, k, v, *args, out_shape=None, **kwargs) -> int: return sdpa_backward_flop_count(g, q, k, v)
 
+def _onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int: return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
 def _extra_formulas() -> dict:
-    "FLOP formulas for the CPU attention kernels the counter lacks (the same formulas as its CUDA ones)."
+    "FLOP formulas for the CPU kernels the counter lacks: attention (its CUDA formulas) and oneDNN's linear (`kernels.cpu_linear`)."
     aten, out = torch.ops.aten, {}
+    if onednn_available(): out[torch.ops.mkldnn._linear_pointwise] = _onednn_linear
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"): out[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
         out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward
@@ -61,7 +64,7 @@ def _sync(device:torch.device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
 def _product_kernels(device:torch.device, dtype:torch.dtype, a, b) -> dict:
-    "The n × n products to time: `torch.matmul`, and on a CPU in float32 oneDNN's kernel as well (`encoders.cpu_linear`)."
+    "The n × n products to time: `torch.matmul`, and on a CPU in float32 oneDNN's kernel as well (`kernels.cpu_linear`)."
     kernels = {"torch.matmul": lambda: a @ b}
     if device.type == "cpu" and dtype == torch.float32 and onednn_available():
         kernels["oneDNN"] = lambda: cpu_linear(a, b, onednn=True)
@@ -116,9 +119,10 @@ def stage2_batch(dim:int, batch:int, n_frames:int=12, device="cpu", seed:int=0) 
     return {k: v.to(device) for k, v in b.items()}
 
 # %% ../nbs/56_bench_train.ipynb #5b1e0c16
-def step_learner(model:torch.nn.Module, groups:list, optimizer:str, precision:str, device) -> Learner:
-    "A `Learner` with the training layer's device and precision callbacks, ready for `run_step`."
-    learn = Learner(model, None, make_optimizer(groups, optimizer), [DeviceCB(device), MixedPrecisionCB(precision, device)])
+def step_learner(model:torch.nn.Module, groups:list, optimizer:str, precision:str, device, cpu_kernels:str="torch") -> Learner:
+    "A `Learner` with the training layer's device and precision callbacks (and `OneDNNCB` for `cpu_kernels='onednn'`), ready for `run_step`."
+    cbs = [DeviceCB(device), MixedPrecisionCB(precision, device)] + ([OneDNNCB()] if cpu_kernels == "onednn" else [])
+    learn = Learner(model, None, make_optimizer(groups, optimizer), cbs)
     learn.n_epochs, learn._clock = 1, (time.perf_counter(), 0.0)      # what `fit` would set
     learn("before_fit")
     learn.model.train()
@@ -153,13 +157,14 @@ def _model_and_groups(arch:str, preset:str) -> tuple:
     t, model = cfg.train, create_model(cfg)
     return model, param_groups(model, t.lr, t.clip_lr_coef, t.weight_decay, cfg.model.freeze_patch_conv), t.optimizer, 1
 
-def _bench_one(arch, preset, device, precision, batch, n_frames, n_words, steps, warmup, compile, log, matmul_n=None) -> dict:
+def _bench_one(arch, preset, device, precision, batch, n_frames, n_words, steps, warmup, compile, log, matmul_n=None,
+               cpu_kernels:str="torch") -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.manual_seed(0)
     model, groups, opt, stage = _model_and_groups(arch, preset)
     b = (stage2_batch(model_dim(build_config(preset=preset)), batch, n_frames, device) if stage == 2
          else stage1_batch(preset, batch, n_frames, n_words, device))
-    learn = step_learner(model, groups, opt, precision, device)
+    learn = step_learner(model, groups, opt, precision, device, cpu_kernels)
     _, flops = count_flops(lambda: run_step(learn, b))                  # the eager step, counted (also the first warm-up)
     if compile: learn.model = torch.compile(model)
     for _ in range(warmup): run_step(learn, b)
@@ -174,7 +179,7 @@ def _bench_one(arch, preset, device, precision, batch, n_frames, n_words, steps,
     peak = max(before, matmul_peak(device, precision, matmul_n), key=lambda p: p["flops_per_s"])     # the higher: load can only lower it
     sec, cpu = float(np.median(secs)), float(np.median(cpus))
     r = dict(arch=arch, stage=stage, precision=precision, batch=batch, n_frames=n_frames, n_words=n_words if stage == 1 else None,
-             preset=preset, device=str(device), threads=torch.get_num_threads(), compile=bool(compile), steps=steps, warmup=warmup,
+             preset=preset, device=str(device), threads=torch.get_num_threads(), compile=bool(compile), cpu_kernels=cpu_kernels, steps=steps, warmup=warmup,
              step_ms=round(1e3 * sec, 2), step_ms_min=round(1e3 * min(secs), 2), step_ms_max=round(1e3 * max(secs), 2),
              samples_per_s=round(batch / sec, 3), peak_mib=round(abs_mb if device.type == "cuda" else step_mb, 1),
              rss_mib=round(abs_mb, 1), flops_per_step=flops, gflop_per_sample=round(flops / batch / 1e9, 3),
@@ -190,7 +195,7 @@ def _bench_one(arch, preset, device, precision, batch, n_frames, n_words, steps,
     return r
 
 def bench_train(archs=None, *, preset:str="vitb32", device="cpu", precision:str="auto", batch:int=None, stage2_batch:int=128,
-                steps:int=3, warmup:int=1, n_frames:int=12, n_words:int=32, threads:int=None, compile:bool=False, out=None,
+                steps:int=3, warmup:int=1, n_frames:int=12, n_words:int=32, threads:int=None, compile:bool=False, cpu_kernels:str="torch", out=None,
                 matmul_n:int=None, verbose:bool=True) -> list:
     "Time training steps of stage 1 of each arch and of the stage-2 generator; records with FLOPs, MFU and memory."
     archs = _check_options(archs if archs is not None else (*ARCHS, STAGE2), batch, stage2_batch, steps, warmup, precision,
@@ -205,7 +210,7 @@ def bench_train(archs=None, *, preset:str="vitb32", device="cpu", precision:str=
     try:
         if verbose: print(HEADER, flush=True)
         recs = [_bench_one(a, preset, device, prec, stage2_batch if a == STAGE2 else batch, n_frames, n_words, steps, warmup,
-                           compile, log, matmul_n) for a in archs]
+                           compile, log, matmul_n, cpu_kernels) for a in archs]
     finally: torch.set_num_threads(threads0)
     if out: atomic_write_json(out, recs)
     return recs
@@ -241,6 +246,8 @@ def bench_train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--words", type=int, default=32, help="tokens per caption (default 32)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CPU: needs a C compiler)")
+    ap.add_argument("--cpu-kernels", default="torch", choices=("torch", "onednn"), help="float32 CPU products: torch.matmul "
+                    "(default) or oneDNN's kernels for every linear layer (training's -p cpu_kernels=onednn)")
     ap.add_argument("--preset", default="vitb32", help="model preset (default vitb32; tiny for a quick check)")
     ap.add_argument("--matmul-n", type=int, help="largest n of the matmul-rate measurement (default 2048 on the CPU, 8192 on CUDA)")
     ap.add_argument("--out", help="write the records to this JSON file")
@@ -259,7 +266,7 @@ def bench_train_main(argv=None) -> int:
     def run():
         archs = tuple(x.strip() for x in a.archs.split(",") if x.strip()) if a.archs is not None else None
         bench_train(archs, preset=a.preset, device=a.device, precision=a.precision, batch=a.batch, stage2_batch=a.stage2_batch,
-                    steps=a.steps, warmup=a.warmup, n_frames=a.frames, n_words=a.words, threads=a.threads, compile=a.compile,
+                    steps=a.steps, warmup=a.warmup, n_frames=a.frames, n_words=a.words, threads=a.threads, compile=a.compile, cpu_kernels=a.cpu_kernels,
                     out=a.out, matmul_n=a.matmul_n)
         if a.out: print(f"records: {a.out}")
     return _run_main(run)

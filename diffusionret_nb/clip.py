@@ -23,6 +23,7 @@ from torch import nn
 
 from .core import CheckpointError, ConfigError, atomic_torch_save
 from .config import load_preset
+from .kernels import cpu_linear
 
 # %% auto #0
 __all__ = ['PROJECT_FORMAT', 'OPENAI_META_KEYS', 'tokenize', 'text_attn_mask', 'check_preset', 'CLIPBackbone', 'WeightsInfo',
@@ -365,19 +366,21 @@ class LeanQuickGELU(QuickGELU):
 
 class LeanAttentionBlock(ResidualAttentionBlock):
     "Self-attention while training without nn.MultiheadAttention's packing copies; same row order, same kernels."
+    use_onednn = False                                     # its two projections through `kernels.cpu_linear` (`kernels.use_onednn`)
     def attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
         a = self.attn
         if not (self.training and k_x is None and v_x is None and a.batch_first and a._qkv_same_embed_dim
                 and a.in_proj_bias is not None and a.bias_k is None and not a.add_zero_attn and (a.dropout == 0)):
             return super().attention(q_x, k_x, v_x, attn_mask)
         B, L, E = q_x.shape; H = a.num_heads
-        qkv = F.linear(q_x.transpose(0, 1), a.in_proj_weight, a.in_proj_bias)            # (L, B, 3E), rows as in torch's MHA
+        lin = functools.partial(cpu_linear, onednn=True) if self.use_onednn else F.linear
+        qkv = lin(q_x.transpose(0, 1), a.in_proj_weight, a.in_proj_bias)                # (L, B, 3E), rows as in torch's MHA
         q, k, v = qkv.view(L, B, 3, H, E // H).permute(2, 1, 3, 0, 4).unbind(0)        # 3 × (B, H, L, E/H) views
         if attn_mask is not None:
             attn_mask = attn_mask.to(q_x.dtype)
             if attn_mask.dim() == 3: attn_mask = attn_mask.view(B, H, L, L)              # (B*H, L, L) as torch's MHA reads it
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)                 # (B, H, L, E/H)
-        o = F.linear(o.permute(2, 0, 1, 3).reshape(L * B, E), a.out_proj.weight, a.out_proj.bias)
+        o = lin(o.permute(2, 0, 1, 3).reshape(L * B, E), a.out_proj.weight, a.out_proj.bias)
         return o.view(L, B, E).transpose(0, 1)
 
 def speed_up(model:nn.Module) -> nn.Module:

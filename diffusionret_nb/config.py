@@ -143,6 +143,9 @@ class TrainConfig:
     ckpt_every_steps: int = P(0, "extra checkpoint every N steps inside an epoch (0 = once per epoch)", min=0)
     max_steps: int = P(0, "stop after this many optimiser steps in total (0 = all epochs); for smoke tests", min=0)
     compile_model: bool = P(False, "train through torch.compile(model) (needs a C compiler on CPU; the first steps compile)")
+    cpu_kernels: str = P("torch", "float32 products on the CPU: 'torch' (torch.matmul: MKL, AVX2 code on AMD CPUs) or 'onednn' "
+                         "(every nn.Linear and attention projection through oneDNN's kernels, forward and backward: same maths, "
+                         "other rounding; faster where MKL is slow, see 07_kernels)", choices=("torch", "onednn"))
     dist_timeout: int = P(1800, "seconds a process waits for the others at a collective before the whole multi-process job "
                           "fails (torchrun runs; a failing rank then ends the job instead of hanging it)", min=10)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +14,11 @@ from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
 from torch import nn
 
 from .core import ConfigError
+from .kernels import cpu_linear, onednn_default
 
 # %% auto #0
-__all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'onednn_default',
-           'onednn_available', 'cpu_linear', 'similarity_blocks', 'gallery_similarity_fast']
+__all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'similarity_blocks',
+           'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
 TEMPORAL_LN_EPS = 1e-12   # the reference's TF-style LayerNorm in the temporal blocks (CLIP's own: 1e-5)
@@ -103,26 +103,6 @@ class TokenWeightedSimilarity(nn.Module):
         return self.score(self.prepare_text(words, word_mask), self.prepare_video(frames, frame_mask))
 
 # %% ../nbs/10_encoders.ipynb #4c684ff0
-def onednn_default() -> bool:
-    "Whether `cpu_linear` may use oneDNN: `DIFFRET_ONEDNN` (1, the default, or 0)."
-    v = os.environ.get("DIFFRET_ONEDNN", "1").strip()
-    if v not in ("0", "1"): raise ConfigError(f"the environment variable DIFFRET_ONEDNN must be 0 or 1, got {v!r}")
-    return v == "1"
-
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-
-def onednn_available() -> bool:
-    "Whether this torch has oneDNN's float32 linear kernel (`cpu_linear` falls back to `F.linear` without it)."
-    return _ONEDNN_LINEAR is not None
-
-def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, onednn:bool=None) -> torch.Tensor:
-    "`F.linear(x, weight, bias)` (x (M, K), weight (N, K)); a float32 CPU product without gradients runs on oneDNN's kernels."
-    use = onednn_default() if onednn is None else onednn
-    if (use and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.dim() == weight.dim() == 2 and len(x) > 0 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return _ONEDNN_LINEAR(x.contiguous(), weight.contiguous(), bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
 def _mlp(mlp, x:torch.Tensor, onednn:bool=None) -> torch.Tensor:
     "A weight network `_weight_mlp` on tokens x (M, D) -> logits (M,), its first layer through `cpu_linear`."
     l1, l2 = mlp[0], mlp[2]

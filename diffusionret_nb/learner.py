@@ -18,11 +18,12 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from .core import CheckpointError, ConfigError, atomic_torch_save
+from .kernels import use_onednn
 
 # %% auto #0
 __all__ = ['BertAdam', 'warmup_cosine', 'make_optimizer', 'EpochBatchSampler', 'CancelFitException', 'Callback', 'Learner',
            'to_device', 'DeviceCB', 'resolve_precision', 'MixedPrecisionCB', 'GradClipCB', 'SchedulerCB', 'CompileCB',
-           'EMA', 'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
+           'OneDNNCB', 'EMA', 'EMACB', 'LogCB', 'ProgressCB', 'EvalCB', 'learner_state', 'CheckpointCB', 'resume']
 
 # %% ../nbs/40_learner.ipynb #07d13fe8
 class BertAdam(torch.optim.Optimizer):
@@ -210,6 +211,11 @@ class CompileCB(Callback):
     order = -7                                                 # after the device move and the DDP wrapper (distributed)
     def __init__(self, **kwargs): self.kwargs = kwargs
     def before_fit(self): self.learn.forward_model = torch.compile(self.learn.forward_model, **self.kwargs)
+
+class OneDNNCB(Callback):
+    "Routes the model's linear layers through oneDNN's float32 CPU kernels for the run (`kernels.use_onednn`, 07_kernels)."
+    order = -11                                                # first: before the device move, the EMA copy and any wrapper
+    def before_fit(self): self.n_switched = use_onednn(self.learn.model)
 
 # %% ../nbs/40_learner.ipynb #49cbda40
 class EMA:

@@ -20,8 +20,8 @@ from .diffusion import spaced_timesteps
 from .generator import derive_num_neg
 from .distributed import DDPCB, ShardedBatchSampler, check_divisible, current
 from .learner import (Callback, CheckpointCB, CompileCB, DeviceCB, EMACB, EpochBatchSampler, EvalCB, GradClipCB,
-                                     Learner, LogCB, MixedPrecisionCB, ProgressCB, SchedulerCB, make_optimizer, resolve_precision,
-                                     resume)
+                                     Learner, LogCB, MixedPrecisionCB, OneDNNCB, ProgressCB, SchedulerCB, make_optimizer,
+                                     resolve_precision, resume)
 from .losses import gather_with_grad
 from .models import param_groups
 from .registry import create_model, load_model, model_dim, read_checkpoint
@@ -151,6 +151,7 @@ def make_learner(cfg:RunConfig, model:nn.Module, dl, ckpt_dir, *, groups:list, e
     if env.main: cbs.append(CheckpointCB(Path(ckpt_dir), meta, t.ckpt_every_steps))     # rank 0 alone writes
     if env.active: cbs.append(DDPCB(dl.batch_sampler.bs))
     if t.compile_model: cbs.append(CompileCB())
+    if t.cpu_kernels == "onednn": cbs.append(OneDNNCB())
     if t.grad_clip: cbs.append(GradClipCB(t.grad_clip))
     if t.ema: cbs.append(EMACB(t.ema))
     if evaluate is not None: cbs.append(EvalCB(evaluate, every=t.eval_every))
@@ -159,7 +160,7 @@ def make_learner(cfg:RunConfig, model:nn.Module, dl, ckpt_dir, *, groups:list, e
 
 # %% ../nbs/41_training.ipynb #2c07dc9f
 RUNTIME_KEYS = {"device", "num_workers", "eval_batch_size", "sim_block", "eval_untrained", "eval_every", "rerank_n_seeds",
-                "compile_model", "dist_timeout"}
+                "compile_model", "cpu_kernels", "dist_timeout"}
 
 def params_differ(a:dict, b:dict) -> list:
     "Parameter names whose values differ between two params dicts (runtime-only keys ignored)."
