@@ -52,7 +52,7 @@ def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, oned
     use = onednn_default() if onednn is None else onednn
     if not (use and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.dim() == 2 and x.dim() >= 1 and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
