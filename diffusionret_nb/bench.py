@@ -16,7 +16,7 @@ import torch
 
 from .core import ConfigError, DiffRetError, atomic_write_json
 from .encoders import TokenWeightedSimilarity
-from .kernels import cpu_linear, onednn_default
+from .kernels import onednn_available, onednn_default, product_kernels
 from .rerank import gallery_similarity_fast, gallery_similarity_reference, rerank
 from .generator import Stage2Generator
 
@@ -75,10 +75,12 @@ def measure(fn, device="cpu") -> tuple:
     else: peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out, sec, max(peak - base, 0) / 2**20, peak / 2**20
 
-def matmul_gflops(n:int=2048, device="cpu", repeats:int=5, onednn:bool=False) -> float:
-    "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product: `torch.matmul`, or `kernels.cpu_linear` with `onednn`."
+def matmul_gflops(n:int=2048, device="cpu", repeats:int=5, kernel:str="torch.matmul") -> float:
+    "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product with `kernel` (a name of `kernels.product_kernels`)."
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    mm = (lambda: cpu_linear(a, b, onednn=True)) if onednn else (lambda: a @ b)
+    kernels = product_kernels(a, b)
+    if kernel not in kernels: raise ConfigError(f"matmul kernel {kernel!r} is not available here; available: {', '.join(kernels)}")
+    mm = kernels[kernel]
     with torch.no_grad():
         mm()
         _, sec, _, _ = measure(lambda: [mm() for _ in range(repeats)], device)
@@ -97,8 +99,7 @@ def _rec(gallery, steps, sec, mb, direction, impl="fast", rss=None, **extra) -> 
     return {**r, **extra}
 
 def _bench_similarity(sim_mod, text, video, n, reference, device, log) -> tuple:
-    cpu = torch.device(device).type == "cpu"
-    onednn = cpu and onednn_default()
+    onednn = torch.device(device).type == "cpu" and onednn_default() and onednn_available()   # what the fast form uses
     S, sec, mb, rss = measure(lambda: gallery_similarity_fast(sim_mod, text, video, device=device), device)
     recs = [_rec(n, 0, sec, mb, "similarity", rss=rss, onednn=onednn)]; log(recs[-1])
     if reference and onednn:                                                      # the same form through torch.matmul
@@ -138,7 +139,8 @@ def bench_rerank(galleries=(1000, 3000, 5000), steps=(1, 3, 5, 10, 30, 50), out=
     torch.manual_seed(seed)
     gen, sim_mod = Stage2Generator(dim).to(device).eval(), TokenWeightedSimilarity(dim).to(device)
     gf = dict(gflops=round(matmul_gflops(matmul_n, device=device), 1))
-    if torch.device(device).type == "cpu": gf["gflops_onednn"] = round(matmul_gflops(matmul_n, device=device, onednn=True), 1)
+    if torch.device(device).type == "cpu" and onednn_available():
+        gf["gflops_onednn"] = round(matmul_gflops(matmul_n, device=device, kernel="oneDNN"), 1)
     recs = [_rec(matmul_n, 0, 0.0, 0.0, "matmul", **gf)]; log(recs[-1])
     for n in galleries:
         text, video = random_gallery(n, dim, lengths=lengths, seed=seed)

@@ -20,10 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from .bench import measure
 from .benchmarks import load_records
 from .clip import tokenize
-from .config import build_config, load_preset
+from .config import PARAMS, build_config, load_preset
 from .core import ConfigError, DiffRetError, atomic_write_json, resolve_device
 from .datasets import FrameSource, usable_cores
-from .kernels import cpu_linear, onednn_available
+from .kernels import onednn_available, product_kernels
 from .learner import DeviceCB, Learner, MixedPrecisionCB, OneDNNCB, make_optimizer, resolve_precision
 from .models import param_groups
 from .prepare import prepare, run_config
@@ -32,10 +32,10 @@ from .synthetic import render_world
 from .training import generator_param_groups, train_loader
 
 # %% auto #0
-__all__ = ['DTYPES', 'STAGE2', 'HEADER', 'count_flops', 'matmul_peak', 'mfu', 'stage1_batch', 'stage2_batch', 'step_learner',
-           'run_step', 'bench_train', 'format_record', 'format_table', 'bench_train_parser', 'bench_train_main',
-           'train_data_loader', 'build_bench_cache', 'loader_clips_per_s', 'bench_loader', 'loader_verdict',
-           'bench_loader_parser', 'bench_loader_main']
+__all__ = ['DTYPES', 'STAGE2', 'CPU_KERNELS', 'HEADER', 'count_flops', 'matmul_peak', 'mfu', 'stage1_batch', 'stage2_batch',
+           'step_learner', 'run_step', 'bench_train', 'format_record', 'format_table', 'bench_train_parser',
+           'bench_train_main', 'train_data_loader', 'build_bench_cache', 'loader_clips_per_s', 'bench_loader',
+           'loader_verdict', 'bench_loader_parser', 'bench_loader_main']
 
 # %% ../nbs/56_bench_train.ipynb #5b1e0c06
 def _sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int: return sdpa_flop_count(q, k, v)
@@ -63,13 +63,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _sync(device:torch.device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
-def _product_kernels(device:torch.device, dtype:torch.dtype, a, b) -> dict:
-    "The n × n products to time: `torch.matmul`, and on a CPU in float32 oneDNN's kernel as well (`kernels.cpu_linear`)."
-    kernels = {"torch.matmul": lambda: a @ b}
-    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
-        kernels["oneDNN"] = lambda: cpu_linear(a, b, onednn=True)
-    return kernels
-
 @torch.no_grad()
 def matmul_peak(device="cpu", precision:str="fp32", n_max:int=None, repeats:int=3, min_seconds:float=0.05) -> dict:
     "Measured matrix-product rate {'flops_per_s', 'flops_per_cpu_s', 'n', 'dtype', 'kernel'} at `precision` (best of `repeats` n³ products per kernel)."
@@ -79,7 +72,7 @@ def matmul_peak(device="cpu", precision:str="fp32", n_max:int=None, repeats:int=
     while True:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         best, best_cpu, slowest = float("inf"), float("inf"), 0.0
-        for name, mm in _product_kernels(device, dtype, a, b).items():
+        for name, mm in product_kernels(a, b).items():
             mm(); _sync(device)                                         # first call: kernel selection, allocation
             k_best = float("inf")
             for _ in range(repeats):
@@ -136,7 +129,9 @@ def run_step(learn:Learner, batch:dict):
 # %% ../nbs/56_bench_train.ipynb #5b1e0c19
 STAGE2 = "generator"          # the name of stage 2 in `archs`
 
-def _check_options(archs, batch, stage2_batch, steps, warmup, precision, n_frames, n_words) -> tuple:
+CPU_KERNELS = PARAMS["cpu_kernels"][1].metadata["choices"]   # the config's choices for -p cpu_kernels
+
+def _check_options(archs, batch, stage2_batch, steps, warmup, precision, n_frames, n_words, cpu_kernels="torch") -> tuple:
     known = (*ARCHS, STAGE2)
     archs = tuple(archs.split(",") if isinstance(archs, str) else archs)
     bad = [a for a in archs if a not in known]
@@ -145,6 +140,7 @@ def _check_options(archs, batch, stage2_batch, steps, warmup, precision, n_frame
                         ("frames", n_frames, 1), ("words", n_words, 2)):
         if v is not None and (not isinstance(v, int) or v < lo): raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
     if precision not in ("auto", *DTYPES): raise ConfigError(f"--precision must be auto, {', '.join(DTYPES)}; got {precision!r}")
+    if cpu_kernels not in CPU_KERNELS: raise ConfigError(f"--cpu-kernels must be {' or '.join(CPU_KERNELS)}; got {cpu_kernels!r}")
     return archs
 
 def _model_and_groups(arch:str, preset:str) -> tuple:
@@ -199,7 +195,7 @@ def bench_train(archs=None, *, preset:str="vitb32", device="cpu", precision:str=
                 matmul_n:int=None, verbose:bool=True) -> list:
     "Time training steps of stage 1 of each arch and of the stage-2 generator; records with FLOPs, MFU and memory."
     archs = _check_options(archs if archs is not None else (*ARCHS, STAGE2), batch, stage2_batch, steps, warmup, precision,
-                           n_frames, n_words)
+                           n_frames, n_words, cpu_kernels)
     device = resolve_device(str(device))
     load_preset(preset)
     prec = resolve_precision(precision, device)
@@ -246,7 +242,7 @@ def bench_train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--words", type=int, default=32, help="tokens per caption (default 32)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile (CPU: needs a C compiler)")
-    ap.add_argument("--cpu-kernels", default="torch", choices=("torch", "onednn"), help="float32 CPU products: torch.matmul "
+    ap.add_argument("--cpu-kernels", default="torch", choices=CPU_KERNELS, help="float32 CPU products: torch.matmul "
                     "(default) or oneDNN's kernels for every linear layer (training's -p cpu_kernels=onednn)")
     ap.add_argument("--preset", default="vitb32", help="model preset (default vitb32; tiny for a quick check)")
     ap.add_argument("--matmul-n", type=int, help="largest n of the matmul-rate measurement (default 2048 on the CPU, 8192 on CUDA)")

@@ -364,6 +364,8 @@ class LeanQuickGELU(QuickGELU):
     "QuickGELU whose training backward keeps fewer temporaries (same values)."
     def forward(self, x): return _QuickGELUFn.apply(x) if torch.is_grad_enabled() and x.requires_grad else super().forward(x)
 
+_onednn_linear = functools.partial(cpu_linear, onednn=True)
+
 class LeanAttentionBlock(ResidualAttentionBlock):
     "Self-attention while training without nn.MultiheadAttention's packing copies; same row order, same kernels."
     use_onednn = False                                     # its two projections through `kernels.cpu_linear` (`kernels.use_onednn`)
@@ -373,7 +375,7 @@ class LeanAttentionBlock(ResidualAttentionBlock):
                 and a.in_proj_bias is not None and a.bias_k is None and not a.add_zero_attn and (a.dropout == 0)):
             return super().attention(q_x, k_x, v_x, attn_mask)
         B, L, E = q_x.shape; H = a.num_heads
-        lin = functools.partial(cpu_linear, onednn=True) if self.use_onednn else F.linear
+        lin = _onednn_linear if self.use_onednn else F.linear
         qkv = lin(q_x.transpose(0, 1), a.in_proj_weight, a.in_proj_bias)                # (L, B, 3E), rows as in torch's MHA
         q, k, v = qkv.view(L, B, 3, H, E // H).permute(2, 1, 3, 0, 4).unbind(0)        # 3 × (B, H, L, E/H) views
         if attn_mask is not None:

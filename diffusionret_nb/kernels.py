@@ -14,7 +14,7 @@ from torch import nn
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['onednn_default', 'onednn_available', 'cpu_linear', 'OneDNNLinear', 'use_onednn']
+__all__ = ['onednn_default', 'onednn_available', 'cpu_linear', 'OneDNNLinear', 'use_onednn', 'product_kernels']
 
 # %% ../nbs/07_kernels.ipynb #7e0a0006
 def onednn_default() -> bool:
@@ -70,5 +70,12 @@ def use_onednn(model:nn.Module) -> int:
     n = 0
     for m in model.modules():
         if type(m) is nn.Linear: m.__class__ = OneDNNLinear; n += 1
-        elif hasattr(m, "use_onednn") and not isinstance(m, OneDNNLinear): m.use_onednn = True; n += 1
+        elif hasattr(m, "use_onednn"): m.use_onednn = True; n += 1
     return n
+
+def product_kernels(a:torch.Tensor, b:torch.Tensor) -> dict:
+    "{name: zero-argument callable} computing one n × n product of `a` and `b` with each kernel available for them, for benchmarks."
+    kernels = {"torch.matmul": lambda: a @ b}
+    if _ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32:
+        kernels["oneDNN"] = lambda: cpu_linear(a, b, onednn=True)
+    return kernels

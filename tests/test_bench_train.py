@@ -72,6 +72,7 @@ def test_matmul_peak_and_mfu():
     (dict(steps=0), "--steps must be"),
     (dict(precision="int8"), "--precision must be"),
     (dict(preset="huge"), "unknown model preset 'huge'"),
+    (dict(cpu_kernels="mkl"), "--cpu-kernels must be torch or onednn; got 'mkl'"),
 ])
 def test_bad_options_give_named_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg): bench_train(**{"preset": "tiny", **kw}, verbose=False)
