@@ -17,8 +17,8 @@ from .core import ConfigError
 from .kernels import cpu_linear, onednn_default
 
 # %% auto #0
-__all__ = ['TEMPORAL_LN_EPS', 'SIM_MEM_MB', 'TemporalTransformer', 'MeanPool', 'TokenWeightedSimilarity', 'similarity_blocks',
-           'gallery_similarity_fast']
+__all__ = ['TEMPORAL_LN_EPS', 'MLP_ROWS', 'SIM_MEM_MB', 'SIM_BLOCK_V', 'TemporalTransformer', 'MeanPool',
+           'TokenWeightedSimilarity', 'similarity_blocks', 'gallery_similarity_fast']
 
 # %% ../nbs/10_encoders.ipynb #068577c9
 TEMPORAL_LN_EPS = 1e-12   # the reference's TF-style LayerNorm in the temporal blocks (CLIP's own: 1e-5)
@@ -103,10 +103,16 @@ class TokenWeightedSimilarity(nn.Module):
         return self.score(self.prepare_text(words, word_mask), self.prepare_video(frames, frame_mask))
 
 # %% ../nbs/10_encoders.ipynb #4c684ff0
+MLP_ROWS = 512   # tokens per product of a weight network on a CPU: its (rows, 2D) hidden layer stays in cache
+
 def _mlp(mlp, x:torch.Tensor, onednn:bool=None) -> torch.Tensor:
-    "A weight network `_weight_mlp` on tokens x (M, D) -> logits (M,), its first layer through `cpu_linear`."
+    "A weight network `_weight_mlp` on tokens x (M, D) -> logits (M,) (no gradients), its first layer + ReLU through `cpu_linear`."
     l1, l2 = mlp[0], mlp[2]
-    return torch.addmv(l2.bias, torch.relu_(cpu_linear(x, l1.weight, l1.bias, onednn)), l2.weight[0])
+    rows = MLP_ROWS if x.device.type == "cpu" else max(len(x), 1)
+    out = torch.empty(len(x), device=x.device, dtype=x.dtype)
+    for i in range(0, len(x), rows):
+        torch.addmv(l2.bias, cpu_linear(x[i:i + rows], l1.weight, l1.bias, onednn, relu=True), l2.weight[0], out=out[i:i + rows])
+    return out
 
 def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor, onednn:bool=None) -> dict:
     "Weights (softmax over real tokens of mlp(token)), normalised features zeroed on padding, lengths."
@@ -115,21 +121,30 @@ def _prepare(mlp, feats:torch.Tensor, mask:torch.Tensor, onednn:bool=None) -> di
     logits[valid] = _mlp(mlp, feats[valid], onednn)
     return dict(feat=F.normalize(feats, dim=-1) * valid[..., None], weight=torch.softmax(logits, -1), length=valid.sum(1))
 
-SIM_MEM_MB = 4    # default working memory of one block of cosines, in MiB
+SIM_MEM_MB = 2      # default working memory of one block of cosines, in MiB
+SIM_BLOCK_V = 128   # default videos per block
 
-def similarity_blocks(lengths:torch.Tensor, n_frames:int, block_v:int, mem_mb:float=SIM_MEM_MB) -> list:
-    "Blocks of text rows (indices, longest first) whose (Σ length) × (n_frames·block_v) cosine block fits in `mem_mb` MiB."
+def _length_runs(lengths:torch.Tensor) -> tuple:
+    "Text indices sorted by length (longest first, stable) and their lengths (at least 1) as a list."
     order = torch.argsort(lengths, descending=True, stable=True)
-    L = lengths[order].clamp_min(1).tolist()
-    budget = max(int(mem_mb * 2**20 / 4 / (n_frames * block_v)), 1)            # word rows per block
+    return order, lengths[order].clamp_min(1).tolist()
+
+def _blocks_of_one_length(order:torch.Tensor, L:list, size) -> list:
+    "Cut `order` into blocks of texts of one length, a block of length-l texts holding at most size(l) of them."
     blocks, i = [], 0
     while i < len(L):
-        bt = max(budget // L[i], 1)                                               # the first text of a block is its longest
-        blocks.append(order[i:i + bt]); i += bt
+        e, n = i + 1, max(size(L[i]), 1)
+        while e < len(L) and e - i < n and L[e] == L[i]: e += 1
+        blocks.append(order[i:e]); i = e
     return blocks
 
+def similarity_blocks(lengths:torch.Tensor, n_frames:int, block_v:int, mem_mb:float=SIM_MEM_MB) -> list:
+    "Blocks of texts of one length (indices, longest first) whose (Σ length) × (n_frames·block_v) cosine block fits in `mem_mb` MiB."
+    budget = max(int(mem_mb * 2**20 / 4 / (n_frames * block_v)), 1)            # word rows per block
+    return _blocks_of_one_length(*_length_runs(lengths), lambda l: budget // l)
+
 @torch.no_grad()
-def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None, block_v:int=256, device="cpu",
+def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None, block_v:int=SIM_BLOCK_V, device="cpu",
                             mem_mb:float=SIM_MEM_MB, onednn:bool=None) -> torch.Tensor:
     "Token-weighted similarity (N_text, N_video) of encoded texts and videos, equal to `TokenWeightedSimilarity`."
     if onednn is None: onednn = onednn_default()
@@ -143,12 +158,12 @@ def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None,
     nt, L = wmask.shape
     lengths = wmask.bool().sum(1)
     if block_t is None: blocks = similarity_blocks(lengths, T, min(block_v, nv), mem_mb)
-    else: blocks = list(torch.argsort(lengths, descending=True, stable=True).split(block_t))
+    else: blocks = _blocks_of_one_length(*_length_runs(lengths), lambda l: block_t)
     out = torch.empty(nt, nv, device=device)
-    for rows in blocks:                                                           # texts prepared block by block
-        bt, Lb = len(rows), max(int(lengths[rows].max()), 1)
+    for rows in blocks:                                                           # texts of one length, prepared block by block
+        bt, Lb = len(rows), max(int(lengths[rows[0]]), 1)
         t = _prepare(sim_module.text_weight_fc, words[rows, :Lb].to(device).float(), wmask[rows, :Lb].to(device), onednn)
-        tf, tw, pad = t["feat"].reshape(-1, D), t["weight"], (lengths[rows] < L).to(device)[:, None, None]
+        tf, tw, pad = t["feat"].reshape(-1, D), t["weight"], int(lengths[rows[0]]) < L
         rows = rows.to(device)
         for j, vf, vw in vblocks:
             bv = vf.shape[0] // T
@@ -156,7 +171,7 @@ def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None,
             w_max = a.view(bt * Lb, T, bv).amax(1).view(bt, Lb, bv)              # max over frames, per word
             f_max = a.view(bt, Lb, T * bv).amax(1).view(bt, T, bv)               # max over words, per frame
             del a
-            f_max = torch.where(pad, f_max.clamp_min(0), f_max)
+            if pad: f_max.clamp_min_(0)                                           # the reference's padded 0 in the max
             t2v = torch.bmm(tw[:, None, :], w_max).squeeze(1)                     # Σ_i g_t[i] max_j a[i, j]
             v2t = (f_max * vw).sum(1)                                             # Σ_j g_v[j] max_i a[i, j]
             out[rows, j:j + bv] = (t2v + v2t) / 2

@@ -30,8 +30,8 @@ def onednn_available() -> bool:
     return _ONEDNN_LINEAR is not None
 
 # %% ../nbs/07_kernels.ipynb #7e0a0009
-def _onednn(x:torch.Tensor, w:torch.Tensor, b:torch.Tensor=None) -> torch.Tensor:
-    return _ONEDNN_LINEAR(x.contiguous(), w.contiguous(), b, "none", [], "")
+def _onednn(x:torch.Tensor, w:torch.Tensor, b:torch.Tensor=None, post:str="none") -> torch.Tensor:
+    return _ONEDNN_LINEAR(x.contiguous(), w.contiguous(), b, post, [], "")
 
 class _OneDNNLinearFn(torch.autograd.Function):
     "x (M, K) · weightᵀ + bias through oneDNN, and its backward through the same kernel."
@@ -47,17 +47,19 @@ class _OneDNNLinearFn(torch.autograd.Function):
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
-def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, onednn:bool=None) -> torch.Tensor:
-    "`F.linear(x, weight, bias)`; a float32 CPU product outside autocast runs on oneDNN's kernels (`onednn`: default `DIFFRET_ONEDNN`)."
+def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, onednn:bool=None, relu:bool=False) -> torch.Tensor:
+    "`F.linear(x, weight, bias)` (then ReLU if `relu`); a float32 CPU product outside autocast runs on oneDNN's kernels (`onednn`: default `DIFFRET_ONEDNN`)."
     use = onednn_default() if onednn is None else onednn
     if not (use and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.dim() == 2 and x.dim() >= 1 and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return torch.relu(y) if relu else y
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = _OneDNNLinearFn.apply(x2, weight, bias)
-    else: y = _onednn(x2, weight, bias)
+        if relu: y = torch.relu(y)
+    else: y = _onednn(x2, weight, bias, "relu" if relu else "none")       # without gradients the ReLU is the kernel's post-op
     return y.view(*x.shape[:-1], weight.shape[0])
 
 # %% ../nbs/07_kernels.ipynb #7e0a0012

@@ -99,8 +99,8 @@ class DiffusionRetStage1(RetrievalModel):
 
     @torch.no_grad()
     def gallery_similarity(self, text:dict, video:dict, block:int=256, device="cpu") -> torch.Tensor:
-        "Token-weighted similarity of a gallery, exact and blockwise (`gallery_similarity_fast`)."
-        return gallery_similarity_fast(self.sim, text, video, block_t=max(block // 4, 1), block_v=block, device=device)
+        "Token-weighted similarity of a gallery, exact and blockwise (`gallery_similarity_fast`: `block` videos per block, texts from its memory budget)."
+        return gallery_similarity_fast(self.sim, text, video, block_v=block, device=device)
 
 # %% ../nbs/30_models.ipynb #066b8ff2
 def param_groups(model:nn.Module, lr:float, clip_lr_coef:float, weight_decay:float, freeze_patch_conv:bool=True) -> list:

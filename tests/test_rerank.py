@@ -164,6 +164,9 @@ def test_fast_similarity_blocks_from_a_memory_budget(mem_mb):
     assert sorted(torch.cat(blocks).tolist()) == list(range(45))                  # every text exactly once
     rows = int(mem_mb * 2**20 / 4 / (6 * 16))
     assert all(len(b) == 1 or len(b) * int(lengths[b].max()) <= rows for b in blocks)   # within the budget, or a single text
+    assert all(len(set(lengths[b].tolist())) == 1 for b in blocks)                # texts of one length: no padded words
+    firsts = [int(lengths[b[0]]) for b in blocks]
+    assert firsts == sorted(firsts, reverse=True)                                 # longest first
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddpm", 0.0)])
