@@ -1553,6 +1553,7 @@ d = { 'settings': { 'branch': 'main',
                                                                                    'diffusionret_nb/xpool.py'),
                                        'diffusionret_nb.xpool._identity_linear': ( 'xpool.html#_identity_linear',
                                                                                    'diffusionret_nb/xpool.py'),
+                                       'diffusionret_nb.xpool.pool_budget': ('xpool.html#pool_budget', 'diffusionret_nb/xpool.py'),
                                        'diffusionret_nb.xpool.pooled_gallery_similarity': ( 'xpool.html#pooled_gallery_similarity',
                                                                                             'diffusionret_nb/xpool.py'),
                                        'diffusionret_nb.xpool.xpool_blocks': ('xpool.html#xpool_blocks', 'diffusionret_nb/xpool.py')}}}

@@ -185,7 +185,7 @@ def _similarity(self, text:dict, video:dict) -> torch.Tensor:
 DITS.similarity = _similarity
 
 @torch.no_grad()
-def _gallery_similarity(self, text:dict, video:dict, block:int=256, device="cpu", mem_budget:int=2**29) -> torch.Tensor:
+def _gallery_similarity(self, text:dict, video:dict, block:int=256, device="cpu", mem_budget:int=None) -> torch.Tensor:
     "Exact similarity (N_text, N_video) on the CPU in memory-bounded blocks (a pairwise chain: ~40·D floats a pair)."
     if self.pairwise:
         D = text["eot"].shape[-1]

@@ -13,10 +13,12 @@ from torch import nn
 
 from .clip import CLIPBackbone
 from .config import RunConfig
+from .kernels import cpu_linear
 from .models import RetrievalModel
 
 # %% auto #0
-__all__ = ['TextConditionedPool', 'xpool_blocks', 'pooled_gallery_similarity', 'XPool']
+__all__ = ['POOL_BUDGET', 'POOL_BUDGET_CPU', 'TextConditionedPool', 'xpool_blocks', 'pool_budget', 'pooled_gallery_similarity',
+           'XPool']
 
 # %% ../nbs/33_xpool.ipynb #4da5db95
 def _identity_linear(dim:int) -> nn.Linear:
@@ -58,8 +60,9 @@ class TextConditionedPool(nn.Module):
     def pool(self, t:dict, v:dict) -> torch.Tensor:
         "The text-conditioned video embeddings v|t (Nv, Nt, D)."
         o = self.layer_norm2(self.attend(t, v))
-        o = o + self.dropout(self.linear_proj(o))
-        return self.layer_norm3(o)
+        lp = self.linear_proj                      # W_ℓ: one D × D product per pair, most of a gallery's time
+        r = lp(o) if torch.is_grad_enabled() else cpu_linear(o, lp.weight, lp.bias)    # evaluation: oneDNN on a CPU
+        return self.layer_norm3(o + self.dropout(r))
 
     def score(self, t:dict, v:dict) -> torch.Tensor:
         "cos(t, v|t) (Nt, Nv) of prepared texts and videos."
@@ -71,12 +74,15 @@ class TextConditionedPool(nn.Module):
         return self.score(self.prepare_text(eot), self.prepare_video(frames, mask))
 
 # %% ../nbs/33_xpool.ipynb #d78faa28
+POOL_BUDGET = 2**29        # default bytes of a block's working set (512 MiB) ...
+POOL_BUDGET_CPU = 2**23    # ... and for the pooling's own score on a CPU (8 MiB: the block stays in cache)
+
 def xpool_blocks(n_text:int,              # texts in the gallery
                  n_video:int,             # videos in the gallery
                  dim:int,                 # D
                  n_frames:int,            # T
                  block:int=256,           # at most this many videos per block
-                 mem_budget:int=2**29,    # bytes a block's working set may use (512 MiB)
+                 mem_budget:int=POOL_BUDGET, # bytes a block's working set may use
                  per_pair:int=0,          # floats a pair's working set needs (0: X-Pool's pooling, 3D + 3T)
                 ) -> tuple[int, int]:
     "(texts, videos) per block so that a block's working set, 4·(3D + 3T) bytes per pair (or 4·`per_pair`), stays within `mem_budget`."
@@ -85,13 +91,17 @@ def xpool_blocks(n_text:int,              # texts in the gallery
     bv = max(1, min(block, n_video, pairs))
     return max(1, min(n_text, pairs // bv)), bv
 
+def pool_budget(device, score=None) -> int:
+    "The default `mem_budget` of `pooled_gallery_similarity` on `device` for `score` (None: the pooling's own)."
+    return POOL_BUDGET_CPU if torch.device(device).type == "cpu" and score is None else POOL_BUDGET
+
 @torch.no_grad()
 def pooled_gallery_similarity(pool:TextConditionedPool, # the pooling module (in eval mode: no dropout)
                               text:dict,                # encoded texts: `eot` (Nt, D)
                               video:dict,               # encoded videos: `frames` (Nv, T, D), `mask` (Nv, T)
                               block:int=256,            # at most this many videos per block
                               device="cpu",             # where the blocks are computed
-                              mem_budget:int=2**29,     # bytes a block's working set may use
+                              mem_budget:int=None,      # bytes a block's working set may use (default `pool_budget`)
                               query:str="eot",          # the text entry that queries the pooling
                               unit:str="eot",           # the text entry the pooled videos are compared with
                               score=None,               # score(prepared texts, prepared videos) -> (nt, nv); default `pool.score`
@@ -101,7 +111,7 @@ def pooled_gallery_similarity(pool:TextConditionedPool, # the pooling module (in
     (nt, _), (nv, T, D) = text["eot"].shape, video["frames"].shape
     out = torch.empty(nt, nv)
     if nt == 0 or nv == 0: return out
-    bt, bv = xpool_blocks(nt, nv, D, T, block, mem_budget, per_pair)
+    bt, bv = xpool_blocks(nt, nv, D, T, block, pool_budget(device, score) if mem_budget is None else mem_budget, per_pair)
     score = score or pool.score
     vids = [(j, pool.prepare_video(video["frames"][j:j + bv].to(device).float(), video["mask"][j:j + bv].to(device)))
             for j in range(0, nv, bv)]                                           # text-independent parts, once
@@ -135,6 +145,6 @@ class XPool(RetrievalModel):
         return self.pool(text["eot"], video["frames"], video["mask"])
 
     @torch.no_grad()
-    def gallery_similarity(self, text:dict, video:dict, block:int=256, device="cpu", mem_budget:int=2**29) -> torch.Tensor:
-        "Exact similarity (N_text, N_video) on the CPU in blocks whose working set stays within `mem_budget` bytes."
+    def gallery_similarity(self, text:dict, video:dict, block:int=256, device="cpu", mem_budget:int=None) -> torch.Tensor:
+        "Exact similarity (N_text, N_video) in blocks whose working set stays within `mem_budget` bytes (default `pool_budget`)."
         return pooled_gallery_similarity(self.pool, text, video, block, device, mem_budget)
