@@ -91,7 +91,7 @@ class FeatureCache:
         draws = rng_draws(before, torch.get_rng_state())
         if draws is None:
             warnings.warn(f"encoding the {kind} drew from the global random generator otherwise than loader seeds; "
-                          f"not cached, so that a cached run would not draw other random numbers")
+                          f"not cached (no {path}), so that a cached run would not draw other random numbers")
             return out
         try:
             with atomic_output(path) as tmp: torch.save(dict(value=out, rng_draws=torch.tensor(draws)), tmp)
