@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lab check-notebooks lint nbdev-test pytest clean-venv
+.PHONY: setup demo test gpu-wheels lab check-notebooks lint nbdev-test pytest clean-venv
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ nbdev-test: setup
 TEST_WORKERS ?= 2
 pytest: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
+
+## the packages tools/gpu_check.sh needs that the lent GPU machine lacks, as wheels in .whl/ (README, "The GPU check")
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 decord==0.6.0 av==18.1.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux2010_x86_64 manylinux1_x86_64
+gpu-wheels: setup
+	$(BIN)/python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d .whl $(GPU_WHEELS)
 
 lab: setup
 	$(BIN)/jupyter lab nbs
