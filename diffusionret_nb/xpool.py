@@ -61,7 +61,8 @@ class TextConditionedPool(nn.Module):
         "The text-conditioned video embeddings v|t (Nv, Nt, D)."
         o = self.layer_norm2(self.attend(t, v))
         lp = self.linear_proj                      # W_ℓ: one D × D product per pair, most of a gallery's time
-        r = lp(o) if torch.is_grad_enabled() else cpu_linear(o, lp.weight, lp.bias)    # evaluation: oneDNN on a CPU
+        evaluating = not (self.training or torch.is_grad_enabled())   # evaluation: oneDNN on a CPU; training (its no-grad
+        r = cpu_linear(o, lp.weight, lp.bias) if evaluating else lp(o)  # parts too: DiTS's denoise targets) the module's own
         return self.layer_norm3(o + self.dropout(r))
 
     def score(self, t:dict, v:dict) -> torch.Tensor:
