@@ -216,8 +216,9 @@ def cmd_plan(args):
                   + "".join(f"{'':22s} {c}\n" for c in counts))
         return
     if sub == "status":
-        profile = plans.report_profile(plans.load_plan(args.plan), args.out, args.profile)
-        rows = plans.plan_status(args.plan, args.out, profile)
+        plan = plans.load_plan(args.plan)
+        profile = plans.report_profile(plan, args.out, args.profile)
+        rows = plans.plan_status(plan, args.out, profile)
         w = max([28] + [len(r[0]) for r in rows])
         for name, st, detail in rows: print(f"{name:{w}s} {st:8s} {detail}")
         print(f"{sum(r[1] == 'done' for r in rows)} of {len(rows)} done (profile {profile})")

@@ -846,8 +846,9 @@ def plan_variables() -> set:
 
 def plan_status(name, out="results", profile:str=None) -> list:
     """[(label, status, detail)] of the runs `plan run --profile P` makes under `out` (another plan's as `<plan>:<folder>`),
-    whichever executor ran them; P is `profile`, else the profile the runs used (as the report picks it)."""
-    plan = load_plan(name)
+    whichever executor ran them; P is `profile`, else the profile the runs used (as the report picks it). `name`: a plan's
+    name or file, or a plan `load_plan` already read."""
+    plan = name if isinstance(name, dict) else load_plan(name)
     profile = report_profile(plan, out, profile)
     jobs = plan_jobs(plan, profile, out=out, variables=dict.fromkeys(plan_variables(), "?"))   # folders do not depend on them
     return [(j.label, *_status(j.dir)) for j in jobs]

@@ -139,6 +139,7 @@ def test_a_failed_entry_does_not_stop_the_others(ran):
     assert not (d / "bad-s0" / "metrics.json").exists()
     st = dict((n, (s, detail)) for n, s, detail in plan_status(plan, out))
     assert st["bad-s0"][0] == "failed" and st["bad-s0"][1] and st["a-s0"] == ("done", "")
+    assert plan_status(load_plan(plan), out) == plan_status(plan, out)          # a plan already read, as `plan status` passes it
 
 
 def test_stage1_is_reused_not_retrained(ran):
