@@ -16,7 +16,7 @@ import torch
 
 from .core import ConfigError, DiffRetError, atomic_write_json
 from .encoders import TokenWeightedSimilarity
-from .kernels import onednn_available, onednn_default, product_kernels
+from .kernels import onednn_available, onednn_used, product_kernels
 from .rerank import gallery_similarity_fast, gallery_similarity_reference, rerank
 from .generator import Stage2Generator
 
@@ -99,7 +99,7 @@ def _rec(gallery, steps, sec, mb, direction, impl="fast", rss=None, **extra) -> 
     return {**r, **extra}
 
 def _bench_similarity(sim_mod, text, video, n, reference, device, log) -> tuple:
-    onednn = torch.device(device).type == "cpu" and onednn_default() and onednn_available()   # what the fast form uses
+    onednn = onednn_used(device)                                                  # what the fast form uses
     S, sec, mb, rss = measure(lambda: gallery_similarity_fast(sim_mod, text, video, device=device), device)
     recs = [_rec(n, 0, sec, mb, "similarity", rss=rss, onednn=onednn)]; log(recs[-1])
     if reference and onednn:                                                      # the same form through torch.matmul

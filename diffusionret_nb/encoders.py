@@ -161,9 +161,10 @@ def gallery_similarity_fast(sim_module, text:dict, video:dict, block_t:int=None,
     else: blocks = _blocks_of_one_length(*_length_runs(lengths), lambda l: block_t)
     out = torch.empty(nt, nv, device=device)
     for rows in blocks:                                                           # texts of one length, prepared block by block
-        bt, Lb = len(rows), max(int(lengths[rows[0]]), 1)
+        length = int(lengths[rows[0]])                                            # every text of the block has it
+        bt, Lb, pad = len(rows), max(length, 1), length < L
         t = _prepare(sim_module.text_weight_fc, words[rows, :Lb].to(device).float(), wmask[rows, :Lb].to(device), onednn)
-        tf, tw, pad = t["feat"].reshape(-1, D), t["weight"], int(lengths[rows[0]]) < L
+        tf, tw = t["feat"].reshape(-1, D), t["weight"]
         rows = rows.to(device)
         for j, vf, vw in vblocks:
             bv = vf.shape[0] // T

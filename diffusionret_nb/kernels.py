@@ -14,7 +14,7 @@ from torch import nn
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['onednn_default', 'onednn_available', 'cpu_linear', 'OneDNNLinear', 'use_onednn', 'product_kernels']
+__all__ = ['onednn_default', 'onednn_available', 'onednn_used', 'cpu_linear', 'OneDNNLinear', 'use_onednn', 'product_kernels']
 
 # %% ../nbs/07_kernels.ipynb #7e0a0006
 def onednn_default() -> bool:
@@ -28,6 +28,10 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 def onednn_available() -> bool:
     "Whether this torch has oneDNN's float32 linear kernel (`cpu_linear` falls back to `F.linear` without it)."
     return _ONEDNN_LINEAR is not None
+
+def onednn_used(device="cpu") -> bool:
+    "Whether `cpu_linear` with `onednn=None` takes oneDNN for float32 tensors on `device` (outside autocast): what a benchmark records."
+    return torch.device(device).type == "cpu" and onednn_available() and onednn_default()
 
 # %% ../nbs/07_kernels.ipynb #7e0a0009
 def _onednn(x:torch.Tensor, w:torch.Tensor, b:torch.Tensor=None, post:str="none") -> torch.Tensor:
@@ -47,12 +51,15 @@ class _OneDNNLinearFn(torch.autograd.Function):
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
+def _fits_onednn(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None) -> bool:
+    "Whether oneDNN's kernel can compute `F.linear(x, weight, bias)` here: float32 CPU tensors, outside autocast, not traced."
+    return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.dim() == 2 and x.dim() >= 1 and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
 def cpu_linear(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor=None, onednn:bool=None, relu:bool=False) -> torch.Tensor:
     "`F.linear(x, weight, bias)` (then ReLU if `relu`); a float32 CPU product outside autocast runs on oneDNN's kernels (`onednn`: default `DIFFRET_ONEDNN`)."
-    use = onednn_default() if onednn is None else onednn
-    if not (use and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and weight.dim() == 2 and x.dim() >= 1 and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+    if not ((onednn_default() if onednn is None else onednn) and _fits_onednn(x, weight, bias)):
         y = F.linear(x, weight, bias)
         return torch.relu(y) if relu else y
     x2 = x.reshape(-1, x.shape[-1])
@@ -78,6 +85,5 @@ def use_onednn(model:nn.Module) -> int:
 def product_kernels(a:torch.Tensor, b:torch.Tensor) -> dict:
     "{name: zero-argument callable} computing one n × n product of `a` and `b` with each kernel available for them, for benchmarks."
     kernels = {"torch.matmul": lambda: a @ b}
-    if _ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32:
-        kernels["oneDNN"] = lambda: cpu_linear(a, b, onednn=True)
+    if _fits_onednn(a, b): kernels["oneDNN"] = lambda: cpu_linear(a, b, onednn=True)
     return kernels
