@@ -30,6 +30,14 @@ def test_gpu_wheels_are_the_pinned_versions():
     assert "/.whl/" in (ROOT / ".gitignore").read_text().splitlines()                 # the wheels never get committed
 
 
+def test_the_tiny_run_is_the_suites():
+    "The script's tiny run is tests/test_distributed.py's (plus fp32 and the device), so the two cannot drift apart."
+    from test_distributed import TINY
+    body = re.search(r"^TINY=\((.*?)\)$", SCRIPT.read_text(), re.M | re.S).group(1)
+    words = [w.replace('"', "") for w in body.split()]
+    assert words == TINY[:-1] + ["-p", "precision=fp32", "-p", "device=$DEVICE", "--quiet", "--out", "$RUNS"], words
+
+
 @pytest.mark.skipif(os.environ.get("DIFFRET_SLOW") != "1", reason="a rehearsal of the GPU check (~90 s on 2 cores); DIFFRET_SLOW=1")
 def test_rehearsal_on_the_cpu(tmp_path):
     out = tmp_path / "out"
