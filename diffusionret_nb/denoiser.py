@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import CheckpointError
+from .native import native_used, sampling_x0_native
 
 # %% auto #0
 __all__ = ['OFFICIAL_PREFIX', 'OFFICIAL_INNER', 'OFFICIAL_PE', 'OFFICIAL_PE_LEN', 'OFFICIAL_PE_ATOL', 'sinusoidal_embedding',
@@ -114,13 +115,15 @@ class _FastMixin:
 
     def _finish(self, cache:dict, logits:torch.Tensor, cand:torch.Tensor, terms:dict) -> torch.Tensor:
         a = torch.softmax(logits, dim=-1)                                         # Eq. 6 attention (B, N)
+        w2 = self.decoder[2]
+        if "C" in cache and native_used(cache["P"], cache["C"], a):   # sampling on a CPU: z and the ReLU pass in one C pass
+            return sampling_x0_native(a, cache["C"], terms["zeta"], cache["P"], w2.weight[0]).add_(w2.bias).add_(a)
         if "C" in cache:                                                          # projected candidates: Σ_n a_n M_z cand_n
             z = torch.bmm(a[:, None, :], cache["C"]).squeeze(1).add_(terms["zeta"])   # W_1h h (B, 2D)
         else:
             m = torch.bmm(a[:, None, :], cand).squeeze(1)                         # Σ_n a_n cand_n (B, D)
             if "Mz" in terms: z = torch.addmm(terms["zeta"], m, terms["Mz"].T)    # W_1h h (B, 2D)
             else: z = ((m @ self.w_v.weight.T) @ self.w_o.weight.T) @ self._w1()[0].T + terms["zeta"]
-        w2 = self.decoder[2]
         if torch.is_grad_enabled():
             return torch.relu(cache["P"] + z[:, None, :]) @ w2.weight[0] + w2.bias + a      # x̂0 (B, N)
         buf = cache.get("buf")

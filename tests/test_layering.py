@@ -14,7 +14,7 @@ PKG = ROOT / "diffusionret_nb"
 LAYERS = {
     "core": 0, "config": 1,
     "clip": 2, "video": 2, "synthetic": 2, "datasets": 2, "benchmarks": 2, "prepare": 2,
-    "encoders": 2, "losses": 2, "diffusion": 2, "denoiser": 2, "kernels": 2,
+    "encoders": 2, "losses": 2, "diffusion": 2, "denoiser": 2, "kernels": 2, "native": 2,
     "models": 3, "generator": 3, "clip4clip": 3, "xpool": 3, "dits": 3, "dits_model": 3,
     "registry": 4, "official": 4,
     "learner": 5, "training": 5, "distributed": 5,

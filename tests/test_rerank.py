@@ -1,8 +1,8 @@
 """Re-ranking: the fast form against the straightforward reference (both directions, DDIM and DDPM, η,
 chunk sizes, one step), what changes in the matrix, determinism and seeds, the multi-caption protocol,
 bad input, the faster stage-1 similarity against the module's (fixed blocks and blocks from a memory budget), the
-per-chunk precomputed sampling path against the literal denoiser at every step, and the benchmark command's records
-and target ratios."""
+per-chunk precomputed sampling path against the literal denoiser at every step, the sampling step in C against the
+torch operations, and the benchmark command's records and target ratios."""
 import json
 
 import numpy as np
@@ -17,6 +17,7 @@ from diffusionret_nb.inference import Gallery
 from diffusionret_nb.rerank import (_direction, _noise, _sample_direction, gallery_similarity_fast, gallery_similarity_reference,
                                     rerank, rerank_metrics, stage_metrics, stage_rows)
 from diffusionret_nb.generator import Stage2Generator
+from diffusionret_nb.native import native_active, native_switch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,6 +193,25 @@ def test_precomputed_chunk_path_equals_recomputing_every_step(setup, sampler, et
         x0[reference] = rec
     torch.testing.assert_close(x0[False], x0[True], rtol=1e-4, atol=1e-5)
     assert x0[False].std() > 0.01                                                 # a non-trivial x̂0
+
+
+@pytest.mark.parametrize("dim", [D, 512])
+def test_sampling_step_in_c_equals_torch_operations(setup, dim):
+    """The re-ranking with the fused C step (nbs/08_native, the CPU default) and with torch operations: the same
+    numbers to float32 rounding, both directions, both samplers, at the real width too."""
+    if not native_active(): pytest.skip("the fused C step is not built here (no C compiler): nothing to compare")
+    if dim == D: gen, _, text, video, S = setup
+    else:
+        torch.manual_seed(3)
+        gen, simmod = Stage2Generator(dim, num_steps=50).eval(), TokenWeightedSimilarity(dim)
+        text, video = random_gallery(80, dim, seed=4)
+        S = gallery_similarity_fast(simmod, text, video)
+    for kw in (dict(topk=32 if dim > D else 8, steps=10), dict(topk=8, steps=5, sampler="ddpm")):
+        c = rerank(gen, S, text, video, seed=2, **kw)
+        with native_switch(False): t = rerank(gen, S, text, video, seed=2, **kw)
+        for d in ("t2v", "v2t"):
+            torch.testing.assert_close(c[d], t[d], rtol=1e-5, atol=1e-5)
+            assert not torch.equal(c[d], S if d == "t2v" else S.t())                # the re-ranking changed something
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
