@@ -17,12 +17,13 @@ import torch
 from .core import ConfigError, DiffRetError, atomic_write_json
 from .encoders import TokenWeightedSimilarity
 from .kernels import onednn_available, onednn_used, product_kernels
+from .native import native_active, native_switch
 from .rerank import gallery_similarity_fast, gallery_similarity_reference, rerank
 from .generator import Stage2Generator
 
 # %% auto #0
-__all__ = ['MSRVTT_TOKEN_LENGTHS', 'TARGETS', 'SWEEPS', 'random_gallery', 'measure', 'matmul_gflops', 'literal_flops',
-           'bench_rerank', 'ratios', 'summary', 'bench_parser', 'bench_main']
+__all__ = ['MSRVTT_TOKEN_LENGTHS', 'TARGETS', 'SWEEPS', 'random_gallery', 'measure', 'measure_median', 'matmul_gflops',
+           'literal_flops', 'bench_rerank', 'ratios', 'summary', 'bench_parser', 'bench_main']
 
 # %% ../nbs/55_bench.ipynb #39b1b860
 MSRVTT_TOKEN_LENGTHS = {5: 3, 6: 54, 7: 72, 8: 127, 9: 99, 10: 114, 11: 104, 12: 81, 13: 76, 14: 67, 15: 51, 16: 34,
@@ -75,6 +76,15 @@ def measure(fn, device="cpu") -> tuple:
     else: peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out, sec, max(peak - base, 0) / 2**20, peak / 2**20
 
+def measure_median(fn, device="cpu", repeats:int=3, repeat_below:float=5.0) -> tuple:
+    "`measure` taken `repeats` times when one call takes under `repeat_below` s: (result, median s, max peak MB, max RSS MB, runs)."
+    out, sec, mb, rss = measure(fn, device)
+    secs, mbs, rsss = [sec], [mb], [rss]
+    while len(secs) < repeats and sec < repeat_below:
+        del out                                                                   # the next call's peak starts without it
+        out, s, m, r = measure(fn, device); secs.append(s); mbs.append(m); rsss.append(r)
+    return out, float(np.median(secs)), max(mbs), max(rsss), len(secs)
+
 def matmul_gflops(n:int=2048, device="cpu", repeats:int=5, kernel:str="torch.matmul") -> float:
     "Measured fp32 matrix-product throughput (GFLOP/s) of an n × n × n product with `kernel` (a name of `kernels.product_kernels`)."
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -93,21 +103,23 @@ def literal_flops(direction:str, dim:int=512) -> int:
     return 2 * (proj * dim * dim + (2 * dim) * (2 * dim) + 2 * dim)
 
 # %% ../nbs/55_bench.ipynb #aa4ee1a1
-def _rec(gallery, steps, sec, mb, direction, impl="fast", rss=None, **extra) -> dict:
+def _rec(gallery, steps, sec, mb, direction, impl="fast", rss=None, runs=None, **extra) -> dict:
     r = dict(gallery=int(gallery), steps=int(steps), seconds=round(sec, 4), peak_mb=round(mb, 1), direction=direction, impl=impl)
     if rss is not None: r["rss_mb"] = round(rss, 1)
+    if runs is not None: r["runs"] = int(runs)
     return {**r, **extra}
 
-def _bench_similarity(sim_mod, text, video, n, reference, device, log) -> tuple:
+def _bench_similarity(sim_mod, text, video, n, reference, device, log, timed) -> tuple:
     onednn = onednn_used(device)                                                  # what the fast form uses
-    S, sec, mb, rss = measure(lambda: gallery_similarity_fast(sim_mod, text, video, device=device), device)
-    recs = [_rec(n, 0, sec, mb, "similarity", rss=rss, onednn=onednn)]; log(recs[-1])
+    S, sec, mb, rss, runs = timed(lambda: gallery_similarity_fast(sim_mod, text, video, device=device))
+    recs = [_rec(n, 0, sec, mb, "similarity", rss=rss, runs=runs, onednn=onednn)]; log(recs[-1])
     if reference and onednn:                                                      # the same form through torch.matmul
-        B, sec, mb, rss = measure(lambda: gallery_similarity_fast(sim_mod, text, video, device=device, onednn=False), device)
-        recs.append(_rec(n, 0, sec, mb, "similarity", "fast-blas", rss, max_abs_diff=float((B - S).abs().max()))); log(recs[-1])
+        B, sec, mb, rss, runs = timed(lambda: gallery_similarity_fast(sim_mod, text, video, device=device, onednn=False))
+        recs.append(_rec(n, 0, sec, mb, "similarity", "fast-blas", rss, runs, max_abs_diff=float((B - S).abs().max()))); log(recs[-1])
+        del B
     if reference:
-        R, sec, mb, rss = measure(lambda: gallery_similarity_reference(sim_mod, text, video, device=device), device)
-        recs.append(_rec(n, 0, sec, mb, "similarity", "reference", rss, max_abs_diff=float((R - S).abs().max()))); log(recs[-1])
+        R, sec, mb, rss, runs = timed(lambda: gallery_similarity_reference(sim_mod, text, video, device=device))
+        recs.append(_rec(n, 0, sec, mb, "similarity", "reference", rss, runs, max_abs_diff=float((R - S).abs().max()))); log(recs[-1])
     return S, recs
 
 def _bench_train_step(gen, batch:int, dim:int, device, log, reference:bool, repeats:int=3) -> list:
@@ -124,16 +136,18 @@ def _bench_train_step(gen, batch:int, dim:int, device, log, reference:bool, repe
             gen.zero_grad(set_to_none=True); gen(b)["loss"].backward()
         step()
         secs, mbs, rsss = zip(*[measure(step, device)[1:] for _ in range(repeats)])
-        recs.append(_rec(batch, 1, float(np.median(secs)), max(mbs), "train_step", impl, max(rsss))); log(recs[-1])
+        recs.append(_rec(batch, 1, float(np.median(secs)), max(mbs), "train_step", impl, max(rsss), repeats)); log(recs[-1])
     gen.reference = False; gen.eval()
     return recs
 
 def bench_rerank(galleries=(1000, 3000, 5000), steps=(1, 3, 5, 10, 30, 50), out=None, *, device="cpu", dim:int=512,
                  topk:int=32, chunk:int=32, lengths:str="msrvtt", directions=("t2v", "v2t"), reference:bool=True,
                  ref_gallery:int=1000, ref_steps:int=50, similarity:bool=True, train_step:bool=True, train_batch:int=128,
-                 threads:int=None, seed:int=0, matmul_n:int=2048, verbose:bool=True) -> list:
+                 threads:int=None, seed:int=0, matmul_n:int=2048, repeats:int=3, repeat_below:float=5.0, verbose:bool=True) -> list:
     "Time the similarity and the re-ranking (fast and reference forms), a stage-2 training step and matmul; JSON records."
+    if repeats < 1: raise ConfigError(f"repeats must be at least 1, got {repeats}")
     if threads: torch.set_num_threads(threads)
+    timed = lambda fn: measure_median(fn, device, repeats, repeat_below)
     log = (lambda r: print(_fmt(r), flush=True)) if verbose else (lambda r: None)
     if verbose: print(_HEADER, flush=True)
     torch.manual_seed(seed)
@@ -145,28 +159,33 @@ def bench_rerank(galleries=(1000, 3000, 5000), steps=(1, 3, 5, 10, 30, 50), out=
     for n in galleries:
         text, video = random_gallery(n, dim, lengths=lengths, seed=seed)
         ref_here = reference and n == ref_gallery
-        if similarity: S, r = _bench_similarity(sim_mod, text, video, n, ref_here, device, log); recs += r
+        if similarity: S, r = _bench_similarity(sim_mod, text, video, n, ref_here, device, log, timed); recs += r
         else: S = torch.rand(n, n, generator=torch.Generator().manual_seed(seed))
+        native = native_active(device)                                            # the sampling step in C (08_native)
         for d in directions:
             fast_at_ref = None
             for s in steps:
                 kw = dict(topk=topk, steps=s, chunk=chunk, directions=(d,), device=device, seed=seed)
-                res, sec, mb, rss = measure(lambda: rerank(gen, S, text, video, **kw), device)
+                res, sec, mb, rss, runs = timed(lambda: rerank(gen, S, text, video, **kw))
                 cs = n * topk * s / sec
-                recs.append(_rec(n, s, sec, mb, d, rss=rss, cand_steps_per_s=round(cs),
-                                 literal_gflops=round(cs * literal_flops(d, dim) / 1e9, 1)))
+                recs.append(_rec(n, s, sec, mb, d, rss=rss, runs=runs, cand_steps_per_s=round(cs),
+                                 literal_gflops=round(cs * literal_flops(d, dim) / 1e9, 1), native=native))
                 log(recs[-1])
+                if ref_here and native:                                           # the same sampler on torch operations
+                    with native_switch(False): tres, sec, mb, rss, runs = timed(lambda: rerank(gen, S, text, video, **kw))
+                    recs.append(_rec(n, s, sec, mb, d, "fast-torch", rss, runs, max_abs_diff=float((tres[d] - res[d]).abs().max())))
+                    log(recs[-1]); del tres
                 if s == ref_steps: fast_at_ref = res[d]
             if ref_here:
                 kw = dict(topk=topk, steps=ref_steps, chunk=chunk, directions=(d,), device=device, seed=seed, reference=True)
-                res, sec, mb, rss = measure(lambda: rerank(gen, S, text, video, **kw), device)
+                res, sec, mb, rss, runs = timed(lambda: rerank(gen, S, text, video, **kw))
                 if fast_at_ref is None: fast_at_ref = rerank(gen, S, text, video, **{**kw, "reference": False})[d]
                 cs = n * topk * ref_steps / sec
-                recs.append(_rec(n, ref_steps, sec, mb, d, "reference", rss, cand_steps_per_s=round(cs),
+                recs.append(_rec(n, ref_steps, sec, mb, d, "reference", rss, runs, cand_steps_per_s=round(cs),
                                  literal_gflops=round(cs * literal_flops(d, dim) / 1e9, 1),
                                  max_abs_diff=float((res[d] - fast_at_ref).abs().max())))
                 log(recs[-1])
-    if train_step: recs += _bench_train_step(gen, train_batch, dim, device, log, reference)
+    if train_step: recs += _bench_train_step(gen, train_batch, dim, device, log, reference, repeats)
     if out: atomic_write_json(out, recs)
     return recs
 
@@ -180,6 +199,8 @@ def _fmt(r:dict) -> str:
     if "cand_steps_per_s" in r: notes.append(f"{r['cand_steps_per_s']:,} candidate-steps/s = {r['literal_gflops']} literal GFLOP/s")
     if "max_abs_diff" in r: notes.append(f"max |{r['impl']} − fast| = {r['max_abs_diff']:.1e}")
     if r.get("onednn"): notes.append("products through oneDNN")
+    if r.get("native"): notes.append("sampling step in C")
+    if r.get("runs", 1) > 1: notes.append(f"median of {r['runs']} calls")
     rss = f"{r['rss_mb']:>7.0f}" if "rss_mb" in r else " " * 7
     return f"{r['gallery']:>7} {r['steps']:>5} {r['direction']:>10} {r['impl']:>9} {r['seconds']:>9.3f} {r['peak_mb']:>8.1f} {rss}  " + "; ".join(notes)
 
@@ -223,6 +244,10 @@ def summary(recs:list) -> str:
         if fast: lines.append(f"{ref['direction']} (gallery {ref['gallery']}, {ref['steps']} steps): reference {ref['seconds']:.2f} s, "
                               f"fast {fast['seconds']:.2f} s, {ref['seconds'] / fast['seconds']:.1f}× faster; added peak "
                               f"{ref['peak_mb']:.0f} / {fast['peak_mb']:.0f} MB")
+    for tr in (r for r in recs if r["impl"] == "fast-torch"):
+        fast = _find(recs, "fast", tr["direction"], tr["gallery"], tr["steps"])
+        if fast: lines.append(f"{tr['direction']} (gallery {tr['gallery']}, {tr['steps']} steps): sampling step on torch operations "
+                              f"{tr['seconds']:.2f} s, in C {fast['seconds']:.2f} s, {tr['seconds'] / fast['seconds']:.1f}× faster")
     for blas in (r for r in recs if r["impl"] == "fast-blas"):
         fast = _find(recs, "fast", "similarity", blas["gallery"])
         if fast: lines.append(f"similarity (gallery {blas['gallery']}): through torch.matmul {blas['seconds']:.2f} s, through oneDNN "
@@ -257,6 +282,9 @@ def bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ref-steps", type=int, default=50, help="steps at which the reference re-ranking runs (default 50)")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference forms (the quick sweep skips them)")
     ap.add_argument("--no-train-step", action="store_true", help="skip the training-step timing (the quick sweep skips it)")
+    ap.add_argument("--repeats", type=int, default=3, help="calls per measurement whose median is reported (default 3)")
+    ap.add_argument("--repeat-below", type=float, default=5.0, help="only calls shorter than this many seconds are repeated "
+                    "(default 5; longer ones are timed once)")
     return ap
 
 SWEEPS = dict(quick=dict(gallery="1000", steps="1,10,50", reference=False, train_step=False, estimate="about 20 s"),
@@ -277,7 +305,8 @@ def bench_main(argv=None) -> int:
               + ("" if a.gallery or a.steps else f"; expect {sw['estimate']}") + "; one line per measurement", flush=True)
         recs = bench_rerank(galleries, steps, a.out, device=device, topk=a.topk, chunk=a.chunk, lengths=a.lengths,
                             reference=sw["reference"] and not a.no_reference, ref_gallery=a.ref_gallery, ref_steps=a.ref_steps,
-                            train_step=sw["train_step"] and not a.no_train_step, threads=a.threads)
+                            train_step=sw["train_step"] and not a.no_train_step, threads=a.threads, repeats=a.repeats,
+                            repeat_below=a.repeat_below)
     except DiffRetError as e:
         print(f"diffret: error: {e}", file=sys.stderr); return 2
     s = summary(recs)

@@ -157,7 +157,7 @@ def native_kernel():
         if why is not None:
             _KERNEL = False
             warnings.warn(f"diffusionret_nb: the fused C sampling step is not available ({why}); the re-ranking's sampler "
-                          "runs as torch operations instead (same numbers to rounding, about 2x slower per step on a CPU). "
+                          "runs as torch operations instead (same numbers to rounding, about 1.6x slower per step on a CPU). "
                           "DIFFRET_NATIVE=0 chooses that without trying.", RuntimeWarning, stacklevel=2)
     return _KERNEL or None
 

@@ -227,8 +227,9 @@ def test_cuda_matches_cpu(setup):
 
 def test_bench_records(tmp_path):
     recs = bench_rerank(galleries=(30,), steps=(1, 2), dim=16, topk=4, ref_gallery=30, ref_steps=2, train_batch=8, matmul_n=128,
-                        verbose=False)
+                        repeats=1, verbose=False)
     assert all({"gallery", "steps", "seconds", "peak_mb", "direction"} <= set(r) for r in recs)
+    assert {r["runs"] for r in recs if r["direction"] != "matmul"} == {1}
     assert {(r["direction"], r["impl"]) for r in recs} >= {("t2v", "fast"), ("t2v", "reference"), ("v2t", "reference"),
                                                            ("similarity", "reference"), ("train_step", "reference"), ("matmul", "fast")}
     assert all(r["max_abs_diff"] < 1e-4 for r in recs if "max_abs_diff" in r)
@@ -245,12 +246,12 @@ def test_bench_records(tmp_path):
                for r in rs)
     out = tmp_path / "b.json"
     assert bench_main(["rerank", "--gallery", "40", "--steps", "1", "--topk", "4", "--no-reference", "--no-train-step",
-                       "--out", str(out)]) == 0
+                       "--repeats", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {(r["gallery"], r["steps"], r["direction"]) for r in data} >= {(40, 1, "t2v"), (40, 1, "v2t"), (40, 0, "similarity")}
     assert json.loads((tmp_path / "b.ratios.json").read_text()) == []              # one step, no reference: nothing to compare
     out2 = tmp_path / "c.json"
     assert bench_main(["rerank", "--gallery", "40", "--steps", "1,2", "--topk", "4", "--no-train-step", "--sweep", "full",
-                       "--ref-gallery", "40", "--ref-steps", "2", "--out", str(out2)]) == 0
+                       "--ref-gallery", "40", "--ref-steps", "2", "--repeats", "1", "--out", str(out2)]) == 0
     assert {r["name"] for r in json.loads((tmp_path / "c.ratios.json").read_text())} == set(TARGETS)
     assert bench_main(["rerank", "--gallery", "abc"]) == 2
