@@ -114,7 +114,9 @@ def _cpu_id() -> str:
 def native_cache_dir() -> Path:
     "Where built libraries are kept: `$DIFFRET_NATIVE_CACHE`, else `$XDG_CACHE_HOME/diffusionret_nb/native` (~/.cache)."
     if os.environ.get("DIFFRET_NATIVE_CACHE"): return Path(os.environ["DIFFRET_NATIVE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusionret_nb" / "native"
+    try: base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError: base = Path(tempfile.gettempdir())                    # no home directory to be found
+    return base / "diffusionret_nb" / "native"
 
 _FLAGS = (["-O3", "-march=native", "-shared", "-fPIC", "-pthread"], ["-O3", "-shared", "-fPIC", "-pthread"])
 
