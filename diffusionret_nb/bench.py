@@ -134,9 +134,9 @@ def _bench_train_step(gen, batch:int, dim:int, device, log, reference:bool, repe
         gen.reference = impl == "reference"
         def step():
             gen.zero_grad(set_to_none=True); gen(b)["loss"].backward()
-        step()
-        secs, mbs, rsss = zip(*[measure(step, device)[1:] for _ in range(repeats)])
-        recs.append(_rec(batch, 1, float(np.median(secs)), max(mbs), "train_step", impl, max(rsss), repeats)); log(recs[-1])
+        step()                                                                    # a warm-up call, then `repeats` timed ones
+        _, sec, mb, rss, runs = measure_median(step, device, repeats, repeat_below=float("inf"))
+        recs.append(_rec(batch, 1, sec, mb, "train_step", impl, rss, runs)); log(recs[-1])
     gen.reference = False; gen.eval()
     return recs
 
@@ -156,12 +156,12 @@ def bench_rerank(galleries=(1000, 3000, 5000), steps=(1, 3, 5, 10, 30, 50), out=
     if torch.device(device).type == "cpu" and onednn_available():
         gf["gflops_onednn"] = round(matmul_gflops(matmul_n, device=device, kernel="oneDNN"), 1)
     recs = [_rec(matmul_n, 0, 0.0, 0.0, "matmul", **gf)]; log(recs[-1])
+    native = native_active(device)                                                # the sampling step in C (08_native)
     for n in galleries:
         text, video = random_gallery(n, dim, lengths=lengths, seed=seed)
         ref_here = reference and n == ref_gallery
         if similarity: S, r = _bench_similarity(sim_mod, text, video, n, ref_here, device, log, timed); recs += r
         else: S = torch.rand(n, n, generator=torch.Generator().manual_seed(seed))
-        native = native_active(device)                                            # the sampling step in C (08_native)
         for d in directions:
             fast_at_ref = None
             for s in steps:

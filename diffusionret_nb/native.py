@@ -22,8 +22,8 @@ from .core import ConfigError
 
 
 # %% auto #0
-__all__ = ['NATIVE_SOURCE', 'native_default', 'native_switch', 'native_cache_dir', 'native_kernel', 'native_fits', 'native_used',
-           'native_active', 'sampling_x0_native']
+__all__ = ['NATIVE_SOURCE', 'native_default', 'native_switch', 'native_cache_dir', 'native_kernel', 'native_fits',
+           'native_active', 'native_used', 'sampling_x0_native']
 
 # %% ../nbs/08_native.ipynb #8a000006
 NATIVE_SOURCE = r"""
@@ -122,9 +122,9 @@ _FLAGS = (["-O3", "-march=native", "-shared", "-fPIC", "-pthread"], ["-O3", "-sh
 
 def _compile(cc:str, folder:Path) -> tuple:
     "(path of the built library, '') or (None, the compiler's last words)."
-    err = ""
+    err, cpu = "", _cpu_id()
     for flags in _FLAGS:
-        key = hashlib.sha256("\0".join([NATIVE_SOURCE, " ".join(flags), _cpu_id()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([NATIVE_SOURCE, " ".join(flags), cpu]).encode()).hexdigest()[:16]
         lib = folder / f"sampling_x0-{key}.so"
         if lib.exists(): return lib, ""
         folder.mkdir(parents=True, exist_ok=True)
@@ -169,13 +169,13 @@ def native_fits(*xs:torch.Tensor) -> bool:
     "Whether the fused kernel can take these tensors: float32 on the CPU, no gradients being recorded."
     return (not torch.is_grad_enabled()) and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs)
 
-def native_used(*xs:torch.Tensor) -> bool:
-    "Whether a caller that checks `native_fits` and `native_default` takes the kernel for these tensors (it builds it if needed)."
-    return native_fits(*xs) and native_default() and native_kernel() is not None
-
 def native_active(device="cpu") -> bool:
     "Whether float32 inference on `device` takes the fused kernel (a CPU, `native_default`, a kernel that builds): what a benchmark records."
     return torch.device(device).type == "cpu" and native_default() and native_kernel() is not None
+
+def native_used(*xs:torch.Tensor) -> bool:
+    "Whether a caller that checks `native_fits` and `native_active` takes the kernel for these tensors (it builds it if needed)."
+    return native_fits(*xs) and native_active()
 
 def sampling_x0_native(a:torch.Tensor, C:torch.Tensor, zeta:torch.Tensor, P:torch.Tensor, w:torch.Tensor,
                        threads:int=None) -> torch.Tensor:
