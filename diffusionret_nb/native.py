@@ -186,7 +186,10 @@ def sampling_x0_native(a:torch.Tensor, C:torch.Tensor, zeta:torch.Tensor, P:torc
     if a.shape != (B, N) or C.shape != (B, N, H) or w.numel() != H or zeta.shape[-1] != H or zeta.numel() not in (H, B * H):
         raise ConfigError(f"sampling_x0_native: shapes a {tuple(a.shape)}, C {tuple(C.shape)}, zeta {tuple(zeta.shape)}, "
                           f"P {tuple(P.shape)}, w {tuple(w.shape)} do not fit (B, N), (B, N, H), (H,)|(B, H), (B, N, H), (H,)")
-    if not native_fits(a, C, zeta, P, w): raise ConfigError("sampling_x0_native takes float32 CPU tensors without gradients")
+    if not native_fits(a, C, zeta, P, w):
+        got = ", ".join(f"{k} {x.dtype} on {x.device}" for k, x in dict(a=a, C=C, zeta=zeta, P=P, w=w).items())
+        raise ConfigError(f"sampling_x0_native takes float32 CPU tensors with gradients off; got {got}"
+                          + ("; gradients are being recorded" if torch.is_grad_enabled() else ""))
     a, C, zeta, P, w = (x.contiguous() for x in (a, C, zeta, P, w))
     out, z = torch.empty(B, N), torch.empty(B, H)
     fn(B, N, H, 0 if zeta.numel() == H else H, a.data_ptr(), C.data_ptr(), zeta.data_ptr(), P.data_ptr(), w.data_ptr(),
