@@ -29,13 +29,20 @@ check-notebooks: setup
 lint: setup
 	$(BIN)/ruff check --select F --exclude diffusionret_nb/_modidx.py diffusionret_nb tools tests
 
+## each test command writes its temporary files (pytest's tmp_path folders, the notebooks' scratch folders, the
+## runs they start) under a folder of its own, removed when it ends, passed or failed; KEEP_TMP=1 keeps it and says where.
+## torch.compile's cache stays where torch keeps it by default, so that compiled kernels are reused between runs
+SCRATCH = d=$$(mktemp -d "$${TMPDIR:-/tmp}/diffret-$@-XXXXXX") && \
+	export TORCHINDUCTOR_CACHE_DIR="$${TORCHINDUCTOR_CACHE_DIR:-$${TMPDIR:-/tmp}/torchinductor_$$(id -un)}" && \
+	if [ -n "$(KEEP_TMP)" ]; then echo "temporary files of $@: $$d (KEEP_TMP)"; else trap 'rm -rf "$$d"' EXIT; fi && TMPDIR=$$d
+
 nbdev-test: setup
-	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
+	@$(SCRATCH) OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
 ## test files run on TEST_WORKERS processes (pytest-xdist, one file per worker at a time), each with one torch thread
 TEST_WORKERS ?= 2
 pytest: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
+	@$(SCRATCH) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile -o tmp_path_retention_policy=failed
 
 ## the packages tools/gpu_check.sh needs that the lent GPU machine lacks, as wheels in .whl/ (README, "The GPU check")
 GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 decord==0.6.0 av==18.1.0

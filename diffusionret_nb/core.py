@@ -6,17 +6,21 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import multiprocessing.util
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 # %% auto #0
-__all__ = ['DiffRetError', 'ConfigError', 'DataError', 'CheckpointError', 'RunFailed', 'atomic_output', 'atomic_write_text',
-           'atomic_write_json', 'atomic_torch_save', 'ensure_writable', 'run_lock', 'seed_everything', 'resolve_device']
+__all__ = ['DiffRetError', 'ConfigError', 'DataError', 'CheckpointError', 'RunFailed', 'NoRoomError', 'atomic_output',
+           'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'scratch_dir', 'ensure_writable', 'run_lock',
+           'seed_everything', 'resolve_device']
 
 # %% ../nbs/00_core.ipynb #b6572264
 class DiffRetError(Exception):
@@ -34,6 +38,9 @@ class CheckpointError(DiffRetError):
 class RunFailed(DiffRetError):
     "An experiment notebook raised; the message names the error and the executed notebook."
 
+class NoRoomError(DiffRetError, OSError):
+    "A write that ran out of disk space or quota; the message names the file and the space left."
+
 # %% ../nbs/00_core.ipynb #a9554c4a
 def _umask() -> int:
     m = os.umask(0); os.umask(m)
@@ -50,9 +57,19 @@ def atomic_output(path, suffix:str=".tmp"):
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp): os.unlink(tmp)
+        if (full := _no_room(path, e)) is not None: raise full from e
         raise
+
+def _no_room(path:Path, e:BaseException):
+    "A `NoRoomError` naming `path` and the free space when `e` says a write ran out of room, else None."
+    short = isinstance(e, RuntimeError) and "unexpected pos" in str(e)   # torch.save's zip writer after a short write
+    if not (short or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))): return None
+    try: free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there now"
+    except OSError: free = "free space unknown"
+    return NoRoomError(errno.ENOSPC, f"could not write {path}: its disk or quota is full ({free}; {type(e).__name__}: {e}). "
+                       "Free some space (old run folders, temporary files) and rerun: what was written before is intact")
 
 def _atomic_replace(path, write_fn, mode="w"):
     "Write through `write_fn(fileobj)` atomically onto `path` (flushed and synced before the rename)."
@@ -79,6 +96,14 @@ def atomic_torch_save(obj, path):
     "`torch.save` to `path` atomically."
     import torch
     return _atomic_replace(path, lambda f: torch.save(obj, f), mode="wb")
+
+# %% ../nbs/00_core.ipynb #5c7a7c02
+def scratch_dir(prefix:str="diffret-") -> Path:
+    "A new temporary folder, removed with its contents when this process exits."
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(d),), kwargs=dict(ignore_errors=True), exitpriority=-1)
+    return d
+
 
 # %% ../nbs/00_core.ipynb #9703c907
 def ensure_writable(folder, what:str="output folder") -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .core import ConfigError
+from .core import ConfigError, scratch_dir
 
 
 # %% auto #0
@@ -147,7 +147,7 @@ def native_kernel():
         if cc is None: why = f"no C compiler found (looked for {os.environ.get('CC') or 'cc'!r}; set CC)"
         else:
             try: lib, err = _compile(cc, native_cache_dir())
-            except OSError: lib, err = _compile(cc, Path(tempfile.mkdtemp(prefix="diffret-native-")))
+            except OSError: lib, err = _compile(cc, scratch_dir("diffret-native-"))
             if lib is None: why = f"building it with {cc} failed: {err}"
             else:
                 try:

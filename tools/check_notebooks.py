@@ -1,5 +1,6 @@
 """Fail (exit 1, listing the files) unless the notebooks are clean, the library is exported in sync
-with them, every module has its source notebook, and the experiment templates are papermill-ready.
+with them, every module has its source notebook, the experiment templates are papermill-ready, and
+no notebook check or test makes a temporary folder that outlives it.
 
 It works on a scratch copy: nothing in the working tree is modified.
 Fix what it reports with `nbdev_clean && nbdev_export` (then commit) or by deleting the orphan."""
@@ -71,6 +72,18 @@ def unparsed_parameters(path, nb) -> list:
     return [n for n in names if n not in seen]
 
 
+def leaky_scratch(root: Path = ROOT) -> list:
+    "Notebook check cells and test files that make a temporary folder with `tempfile.mkdtemp`, which is never removed."
+    bad = []
+    for p in sorted((root / "nbs").glob("*.ipynb")):
+        for c in json.loads(p.read_text())["cells"]:
+            src = "".join(c["source"])
+            if c["cell_type"] == "code" and "tempfile.mkdtemp(" in src and not src.lstrip().startswith("#| export"):
+                bad.append(f"{p.relative_to(root)}: cell {c.get('id')}")
+    bad += [str(p.relative_to(root)) for p in sorted((root / "tests").rglob("*.py")) if "tempfile.mkdtemp(" in p.read_text()]
+    return bad
+
+
 def main():
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -78,7 +91,9 @@ def main():
         unsynced = differing(tmp)
     problems = [("notebooks not clean or library not exported in sync (run nbdev_clean && nbdev_export)", unsynced),
                 ("modules without a source notebook (delete them or restore the notebook)", orphans()),
-                ("experiment templates not ready for papermill", template_problems())]
+                ("experiment templates not ready for papermill", template_problems()),
+                ("temporary folders never removed: use scratch_dir() from diffusionret_nb.core in notebooks, "
+                 "pytest's tmp_path in tests", leaky_scratch())]
     failed = False
     for title, files in problems:
         if files:
