@@ -104,7 +104,6 @@ def scratch_dir(prefix:str="diffret-") -> Path:
     multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(d),), kwargs=dict(ignore_errors=True), exitpriority=-1)
     return d
 
-
 # %% ../nbs/00_core.ipynb #9703c907
 def ensure_writable(folder, what:str="output folder") -> Path:
     "Create `folder` if needed and check a file can be written in it; a `DiffRetError` naming it otherwise."
